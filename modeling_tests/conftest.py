@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny UniF²ace configs/models and helpers that build well-formed unified-vocabulary inputs."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import transformers_f2ace  # noqa: E402  (registers the Auto classes)
+from transformers_f2ace import UniF2aceConfig, UniF2aceForConditionalGeneration  # noqa: E402
+
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_config() -> UniF2aceConfig:
+    return UniF2aceConfig.tiny()
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> UniF2aceForConditionalGeneration:
+    torch.manual_seed(0)
+    return UniF2aceForConditionalGeneration(tiny_config).eval()
+
+
+def mmu_ids(config: UniF2aceConfig, text: list[int], codes: list[int] | None = None, seed: int = 0) -> torch.Tensor:
+    """`<|mmu|> <|soi|> img… <|eoi|> text…` as (1, T) ids; random image codes unless given."""
+    if codes is None:
+        generator = torch.Generator().manual_seed(seed)
+        codes = torch.randint(0, config.codebook_size, (config.num_image_tokens,), generator=generator).tolist()
+    image = [config.image_token_offset + c for c in codes]
+    return torch.tensor([[config.mmu_token_id, config.soi_token_id, *image, config.eoi_token_id, *text]])
+
+
+def t2i_ids(config: UniF2aceConfig, text: list[int], codes: list[int] | None = None) -> torch.Tensor:
+    """`<|t2i|> text… <|soi|> img… <|eoi|>` as (1, T) ids; all-[MASK] image unless codes are given."""
+    image = [config.mask_token_id] * config.num_image_tokens if codes is None else [
+        config.image_token_offset + c for c in codes
+    ]
+    return torch.tensor([[config.t2i_token_id, *text, config.soi_token_id, *image, config.eoi_token_id]])

@@ -1,0 +1,31 @@
+"""Registration with the transformers Auto classes, and the `auto_map` that lets saved folders load with
+`trust_remote_code=True` where this package is not installed."""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
+)
+
+from .configuration_unif2ace import UniF2aceConfig, UniF2aceIdentityConfig, UniF2aceMoEConfig, UniF2aceTextConfig
+from .configuration_unif2ace_vq import UniF2aceVQConfig
+from .modeling_unif2ace import UniF2aceForConditionalGeneration, UniF2aceModel
+
+
+GENERATION_AUTO_CLASSES = (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM)
+
+
+def register_auto_classes() -> None:
+    """Register every config model_type and model class with the Auto classes (idempotent)."""
+    for config_class in (UniF2aceConfig, UniF2aceTextConfig, UniF2aceMoEConfig, UniF2aceIdentityConfig, UniF2aceVQConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(UniF2aceConfig, UniF2aceModel, exist_ok=True)
+    for auto in GENERATION_AUTO_CLASSES:
+        auto.register(UniF2aceConfig, UniF2aceForConditionalGeneration, exist_ok=True)
+    # Saving copies the flat model files next to the weights (custom_object_save); the full auto_map is written by
+    # UniF2acePreTrainedModel.save_pretrained.
+    UniF2aceConfig.register_for_auto_class("AutoConfig")
+    UniF2aceModel.register_for_auto_class("AutoModel")
+    UniF2aceForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
