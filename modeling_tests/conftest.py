@@ -41,3 +41,21 @@ def t2i_ids(config: UniF2aceConfig, text: list[int], codes: list[int] | None = N
         config.image_token_offset + c for c in codes
     ]
     return torch.tensor([[config.t2i_token_id, *text, config.soi_token_id, *image, config.eoi_token_id]])
+
+
+CORPUS = [
+    "a smiling woman with long red curly hair and round glasses",
+    "a man with a short black beard, a moustache and a blue hat",
+    "describe the face. is the person smiling? what colour is the hair?",
+    "USER: ASSISTANT: yes no the person has brown eyes and wears earrings",
+] * 8
+
+
+@pytest.fixture
+def tiny_processor(tiny_config):
+    from transformers_f2ace import UniF2aceImageProcessor, UniF2aceProcessor
+    from transformers_f2ace.tokenization_unif2ace import train_unif2ace_tokenizer
+
+    tokenizer = train_unif2ace_tokenizer(CORPUS, tiny_config)
+    image_processor = UniF2aceImageProcessor.from_model_config(tiny_config)
+    return UniF2aceProcessor(image_processor, tokenizer, num_image_tokens=tiny_config.num_image_tokens)

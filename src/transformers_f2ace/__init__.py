@@ -5,7 +5,9 @@ Importing the package registers every UniF²ace class with the transformers Auto
 
 from .configuration_unif2ace import UniF2aceConfig, UniF2aceIdentityConfig, UniF2aceMoEConfig, UniF2aceTextConfig
 from .configuration_unif2ace_vq import UniF2aceVQConfig
+from .image_processing_unif2ace import UniF2aceImageProcessor
 from .modeling_unif2ace import UniF2aceForConditionalGeneration, UniF2aceModel, UniF2acePreTrainedModel
+from .processing_unif2ace import UniF2aceProcessor
 from .registration import register_auto_classes
 
 
@@ -21,5 +23,7 @@ __all__ = [
     "UniF2acePreTrainedModel",
     "UniF2aceModel",
     "UniF2aceForConditionalGeneration",
+    "UniF2aceImageProcessor",
+    "UniF2aceProcessor",
     "register_auto_classes",
 ]

@@ -3,15 +3,19 @@
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoModelForMultimodalLM,
+    AutoProcessor,
 )
 
 from .configuration_unif2ace import UniF2aceConfig, UniF2aceIdentityConfig, UniF2aceMoEConfig, UniF2aceTextConfig
 from .configuration_unif2ace_vq import UniF2aceVQConfig
+from .image_processing_unif2ace import UniF2aceImageProcessor
 from .modeling_unif2ace import UniF2aceForConditionalGeneration, UniF2aceModel
+from .processing_unif2ace import UniF2aceProcessor
 
 
 GENERATION_AUTO_CLASSES = (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM)
@@ -24,6 +28,8 @@ def register_auto_classes() -> None:
     AutoModel.register(UniF2aceConfig, UniF2aceModel, exist_ok=True)
     for auto in GENERATION_AUTO_CLASSES:
         auto.register(UniF2aceConfig, UniF2aceForConditionalGeneration, exist_ok=True)
+    AutoImageProcessor.register(UniF2aceConfig, image_processor_classes={"pil": UniF2aceImageProcessor}, exist_ok=True)
+    AutoProcessor.register(UniF2aceConfig, UniF2aceProcessor, exist_ok=True)
     # Saving copies the flat model files next to the weights (custom_object_save); the full auto_map is written by
     # UniF2acePreTrainedModel.save_pretrained.
     UniF2aceConfig.register_for_auto_class("AutoConfig")

@@ -1,0 +1,175 @@
+"""UniF2aceProcessor: face images + text -> the unified-vocabulary sequences of SPEC §2.
+
+    MMU  <|mmu|> <|soi|> [MASK]×N <|eoi|> <|endoftext|> text …        (image placeholders; the model fills them with
+                                                                        the VQ codes of `pixel_values`)
+    T2I  <|t2i|> <|endoftext|> prompt <|endoftext|> <|soi|> [MASK]×N <|eoi|>
+
+`<image>` in MMU text marks where an image goes (the chat template writes it); text without a marker gets its image
+first. Batches are left-padded with `[PAD]` so that generation continues every row at the same position and every
+T2I image span ends at the same column.
+"""
+
+from typing import Literal
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+
+
+IMAGE_MARKER = "<image>"
+TASKS = ("mmu", "t2i")
+
+# Show-o's understanding prompt: a system line, then USER / ASSISTANT turns; images come first in their message.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{%- for part in parts if part['type'] == 'image' -%}<image>{%- endfor -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}{{ '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "USER: {% for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}{{ '\\n' }}"
+    "{%- else -%}"
+    "ASSISTANT: {% generation %}{% for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "<|endoftext|>{% endgeneration %}{{ '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+)
+
+
+class UniF2aceProcessorKwargs(ProcessingKwargs, total=False):
+    r"""
+    mode (`"mmu" | "t2i"`, *optional*): understanding (images + questions) or generation (prompts). Default: `"mmu"`
+        when images are given, else `"t2i"`. In `"t2i"` mode, images are optional *targets* (for training).
+    """
+
+    mode: str
+    _defaults = {
+        "text_kwargs": {"padding": True, "padding_side": "left", "add_special_tokens": False},
+        "images_kwargs": {},
+    }
+
+
+class UniF2aceProcessor(ProcessorMixin):
+    r"""
+    Combines [`UniF2aceImageProcessor`] and the unified-vocabulary tokenizer.
+
+    Args:
+        image_processor: the image processor (`pixel_values` plus the optional encoder views).
+        tokenizer: a tokenizer built by `tokenization_unif2ace` (ids must match the model config).
+        num_image_tokens (`int`): image tokens per image (`config.num_image_tokens`).
+        chat_template (`str`, *optional*): Jinja template; Show-o's USER / ASSISTANT format by default.
+    """
+
+    valid_processor_kwargs = UniF2aceProcessorKwargs
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens: int = 256, chat_template=None, **kwargs):
+        if num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+        self.num_image_tokens = num_image_tokens
+        self.image_token = tokenizer.mask_token
+        self.image_token_id = tokenizer.mask_token_id
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE, **kwargs)
+
+    @property
+    def image_span(self) -> str:
+        """`<|soi|> [MASK]×N <|eoi|>` as text."""
+        return "<|soi|>" + self.image_token * self.num_image_tokens + "<|eoi|>"
+
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        mode: Literal["mmu", "t2i"] | None = None,
+        **kwargs: Unpack[UniF2aceProcessorKwargs],
+    ) -> BatchFeature:
+        """Returns `input_ids`, `attention_mask` (B, T) and, with images, `pixel_values` (+ encoder views)."""
+        mode = mode or kwargs.pop("mode", None) or ("mmu" if images is not None else "t2i")
+        if mode not in TASKS:
+            raise ValueError(f"mode must be one of {TASKS}, got {mode!r}")
+        if text is None:
+            text = [""] * (len(images) if isinstance(images, (list, tuple)) else 1)
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("text must be a string or a list of strings")
+        merged = self._merge_kwargs(UniF2aceProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None) or images_kwargs.pop("return_tensors", None)
+        images_kwargs.pop("return_tensors", None)
+
+        sequences = [self._mmu_text(t) if mode == "mmu" else self._t2i_text(t) for t in texts]
+        data = {}
+        if images is not None:
+            image_inputs = self.image_processor(images, return_tensors=return_tensors, **images_kwargs)
+            expected = sum(s.count("<|soi|>") for s in sequences)
+            if len(image_inputs["pixel_values"]) != expected:
+                raise ValueError(
+                    f"Got {len(image_inputs['pixel_values'])} images for {expected} image placeholders "
+                    f"({'one per text without <image>, else one per <image> marker' if mode == 'mmu' else 'one per prompt'})"
+                )
+            data.update(image_inputs)
+        elif mode == "mmu":
+            raise ValueError("mode='mmu' needs images (understanding answers questions about a face)")
+
+        encoded = self.tokenizer(sequences, return_tensors=return_tensors, **text_kwargs)
+        self._check_structure(encoded["input_ids"], [s.count("<|soi|>") for s in sequences], mode)
+        self._check_length(encoded["input_ids"])
+        data.update(encoded)
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _mmu_text(self, text: str) -> str:
+        if IMAGE_MARKER not in text:
+            text = IMAGE_MARKER + text
+        body = text.replace(IMAGE_MARKER, self.image_span + self.tokenizer.bos_token)
+        return "<|mmu|>" + body
+
+    def _t2i_text(self, prompt: str) -> str:
+        if IMAGE_MARKER in prompt:
+            raise ValueError(f"T2I prompts cannot contain {IMAGE_MARKER}: the image is what gets generated")
+        bos, eos = self.tokenizer.bos_token, self.tokenizer.eos_token
+        return f"<|t2i|>{bos}{prompt}{eos}{self.image_span}"
+
+    def _check_structure(self, input_ids, images_per_row: list[int], mode: str) -> None:
+        """Text that spells reserved tokens ([MASK], <|soi|>, <|eoi|>, task tokens) would corrupt the image spans or
+        the task routing: refuse it."""
+        token_id = self.tokenizer.convert_tokens_to_ids
+        for row, images in zip(input_ids, images_per_row):
+            row = list(row)
+            expected = {
+                self.image_token_id: self.num_image_tokens * images,
+                token_id("<|soi|>"): images,
+                token_id("<|eoi|>"): images,
+                token_id("<|mmu|>"): int(mode == "mmu"),
+                token_id("<|t2i|>"): int(mode == "t2i"),
+            }
+            if any(row.count(token) != count for token, count in expected.items()):
+                raise ValueError(
+                    "The text contains reserved tokens (<|soi|>, <|eoi|>, [MASK], <|mmu|>, <|t2i|>); write images as "
+                    f"{IMAGE_MARKER} (understanding) or pass them as `images`, and choose the task with `mode`."
+                )
+
+    def _check_length(self, input_ids) -> None:
+        limit = self.tokenizer.model_max_length
+        longest = max(len(row) for row in input_ids)
+        if limit and longest > limit:
+            raise ValueError(
+                f"A sequence has {longest} tokens ({self.num_image_tokens} per image included) but the model takes at "
+                f"most {limit}; shorten the text."
+            )
+
+    def batch_decode(self, *args, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def postprocess(self, pixel_values):
+        """Pixels in [-1, 1] (B, 3, H, W) -> list of PIL images."""
+        return self.image_processor.postprocess(pixel_values)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", *self.image_processor.model_input_names]
+
+
+__all__ = ["UniF2aceProcessor"]
