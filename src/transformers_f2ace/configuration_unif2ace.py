@@ -16,6 +16,7 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.modeling_rope_utils import RopeParameters
 
 from .configuration_unif2ace_vq import UniF2aceVQConfig
+from .loss_d3diff import MASK_SCHEDULES, SCORE_FORMS
 
 
 SHOW_O_SPECIAL_TOKENS = (
@@ -163,6 +164,8 @@ class UniF2aceMoEConfig(PreTrainedConfig):
     resampler_num_queries: int | None = None
     resampler_depth: int = 2
     resampler_num_heads: int = 8
+    resampler_mlp_ratio: int = 2
+    semantic_feature_layer: int = -2
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -176,7 +179,7 @@ class UniF2aceMoEConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         _check_positive(self, "num_experts", "num_experts_per_tok", "expert_intermediate_size",
-                        "num_sequence_experts_per_seq", "resampler_depth", "resampler_num_heads")
+                        "num_sequence_experts_per_seq", "resampler_depth", "resampler_num_heads", "resampler_mlp_ratio")
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(
                 f"UniF2aceMoEConfig.num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_experts "
@@ -253,6 +256,12 @@ class UniF2aceConfig(PreTrainedConfig):
         output_router_logits (`bool`): return router logits and add the balance loss to `loss`.
         router_aux_loss_coef (`float`): λ of the load-balancing loss (0.01).
         freeze_vq (`bool`), freeze_encoders (`bool`): keep the image tokenizer / encoders frozen (default: both).
+        d3diff_alpha, d3diff_score_form, d3diff_time_weighting, d3diff_time_weight_cap: the D3Diff loss (α = 0.01,
+            the paper's best); `d3diff_chunk_size` rows per chunk of the fused LM-head + loss (0: plain logits).
+        mask_schedule (`str`): mask ratio r(t) for training and sampling (cosine, linear, square, cubic).
+        condition_dropout_prob (`float`): share of T2I training prompts dropped for classifier-free guidance (0.1).
+        image_generation_steps, image_guidance_scale, image_gumbel_temperature, image_sample_temperature: MaskGIT
+            sampling defaults (Show-o: 16 steps, guidance 1.75 at 256 px; 50 and 5 at 512 px).
     """
 
     model_type = "unif2ace"
@@ -279,6 +288,19 @@ class UniF2aceConfig(PreTrainedConfig):
     freeze_vq: bool = True
     freeze_encoders: bool = True
     tie_word_embeddings: bool = False
+    # D3Diff generation loss and the masking process (SPEC §4)
+    d3diff_alpha: float = 0.01
+    d3diff_score_form: Literal["bayes", "log_score"] = "bayes"
+    d3diff_time_weighting: bool = False
+    d3diff_time_weight_cap: float = 10.0
+    d3diff_chunk_size: int = 256
+    mask_schedule: str = "cosine"
+    condition_dropout_prob: float = 0.1
+    # MaskGIT sampling defaults (SPEC §5; Show-o: 16 steps, guidance 1.75 at 256 px)
+    image_generation_steps: int = 16
+    image_guidance_scale: float = 1.75
+    image_gumbel_temperature: float = 1.0
+    image_sample_temperature: float = 1.0
 
     def __post_init__(self, **kwargs):
         self.special_tokens = list(self.special_tokens)
@@ -367,6 +389,21 @@ class UniF2aceConfig(PreTrainedConfig):
     def validate_router(self):
         if self.router_aux_loss_coef < 0:
             raise ValueError(f"UniF2aceConfig.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+
+    def validate_generation_training(self):
+        _check_probability(self, "condition_dropout_prob")
+        _check_positive(self, "image_generation_steps")
+        for name in ("d3diff_alpha", "image_guidance_scale", "image_gumbel_temperature", "d3diff_chunk_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"UniF2aceConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.image_sample_temperature <= 0 or self.d3diff_time_weight_cap <= 0:
+            raise ValueError("UniF2aceConfig.image_sample_temperature and d3diff_time_weight_cap must be > 0")
+        if self.d3diff_score_form not in SCORE_FORMS:
+            raise ValueError(f"UniF2aceConfig.d3diff_score_form must be one of {SCORE_FORMS}, got {self.d3diff_score_form!r}")
+        if self.mask_schedule not in MASK_SCHEDULES:
+            raise ValueError(
+                f"UniF2aceConfig.mask_schedule must be one of {tuple(MASK_SCHEDULES)}, got {self.mask_schedule!r}"
+            )
 
     # ----- presets -----
     @classmethod

@@ -26,7 +26,8 @@ class UniF2aceVQConfig(PreTrainedConfig):
         entropy_temperature (`float`): softness of the per-bit code distribution in the entropy term.
         norm_num_groups (`int`): upper bound on GroupNorm groups; a layer of C channels uses `gcd(norm_num_groups, C)`.
         norm_eps (`float`): epsilon of the GroupNorm layers.
-        initializer_range (`float`): std of the normal init of the convolutions.
+        initializer_range (`float`): std of the normal init of the decoder's output convolution (the other
+            convolutions use He-normal init).
     """
 
     model_type = "unif2ace_vq"
