@@ -54,9 +54,10 @@ def test_image_block_ids_marks_only_the_span_between_soi_and_eoi(tiny_config):
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_omni_attention_semantics(attn_implementation):
-    # dense FFN: with MoE, grouped expert GEMMs see different row counts when other tokens' routing changes, which
-    # perturbs unrelated outputs at the 1e-7 level; the attention pattern itself is what is tested here (exact zeros)
-    c = UniF2aceConfig.tiny(moe_config=dict(token_moe=False))
+    # dense FFN, no sequence MoE: with token MoE, grouped expert GEMMs see different row counts when other tokens'
+    # routing changes (1e-7 perturbations); the sequence MoE routes on the whole image context by design (tested
+    # below). The attention pattern itself is what is tested here, with exact zeros.
+    c = UniF2aceConfig.tiny(moe_config=dict(token_moe=False, sequence_moe=False))
     torch.manual_seed(0)
     tiny_model = UniF2aceForConditionalGeneration(c).eval()
     tiny_model.set_attn_implementation(attn_implementation)
@@ -88,6 +89,26 @@ def test_omni_attention_semantics(attn_implementation):
     prompt_end = 1 + len(TEXT) + 1  # up to and including <|soi|>
     assert delta[:prompt_end].max() == 0
     assert delta[prompt_end:-2].min() > 1e-6
+
+
+def test_sequence_moe_routes_on_the_image_context_so_later_text_stays_causal():
+    c = UniF2aceConfig.tiny(moe_config=dict(token_moe=False))
+    torch.manual_seed(0)
+    model = UniF2aceForConditionalGeneration(c).eval()
+    base = mmu_ids(c, TEXT)
+    later = base.clone()
+    later[0, -1] = 99
+    with torch.no_grad():
+        a = model(base, output_router_logits=True)
+        b = model(later, output_router_logits=True)
+    assert (a.logits - b.logits).abs().amax(-1)[0, :-1].max() == 0
+    # a different image changes the route (one decision per sequence, from its image context)
+    other_image = mmu_ids(c, TEXT, seed=5)
+    with torch.no_grad():
+        route_a = model.model(base, output_sequence_router_logits=True).sequence_router_logits
+        route_c = model.model(other_image, output_sequence_router_logits=True).sequence_router_logits
+    assert len(route_a) == c.text_config.num_hidden_layers and route_a[0].shape == (1, 2 * c.moe_config.num_sequence_experts)
+    assert not torch.equal(route_a[0], route_c[0])
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -198,8 +219,12 @@ def test_input_ids_and_embeds_are_exclusive(tiny_model, tiny_config):
     ids = mmu_ids(tiny_config, TEXT)
     with pytest.raises(ValueError, match="exactly one"):
         tiny_model(ids, inputs_embeds=tiny_model.get_input_embeddings()(ids))
-    embeds_out = tiny_model(inputs_embeds=tiny_model.get_input_embeddings()(ids), task_ids=torch.tensor([0])).logits
-    torch.testing.assert_close(embeds_out[:, :2], logits(tiny_model, ids)[:, :2])
+    # embeddings carry no image spans (no omni blocks, no image-context routing): compare on the causal prefix of a
+    # model without the sequence-level MoE
+    config = UniF2aceConfig.tiny(moe_config=dict(sequence_moe=False))
+    model = UniF2aceForConditionalGeneration(config).eval()
+    embeds_out = model(inputs_embeds=model.get_input_embeddings()(ids), task_ids=torch.tensor([0])).logits
+    torch.testing.assert_close(embeds_out[:, :2], logits(model, ids)[:, :2])
 
 
 def test_base_model_returns_hidden_states(tiny_config):

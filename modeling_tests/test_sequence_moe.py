@@ -214,11 +214,17 @@ def test_identity_embeds_bypass_the_iresnet_and_match_it(encoders):
     assert encoders(identity_embeds=torch.randn(2, 3, 32))["face"].shape == (2, 16, H)
 
 
-def test_semantic_embeds_are_clip_patch_tokens_without_cls(encoders):
+@pytest.mark.parametrize("layer", [-1, -2])
+def test_semantic_embeds_are_clip_patch_tokens_without_cls(layer):
+    torch.manual_seed(0)
+    encoders = UniF2aceFeatureEncoders(UniF2aceConfig.tiny(moe_config=dict(semantic_feature_layer=layer))).eval()
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        tokens = encoders.semantic_encoder(pixel_values=pixels).last_hidden_state
+        hidden_states = encoders.semantic_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states
+    tokens = hidden_states[layer]
     assert tokens.shape == (2, 1 + 16, 32)  # CLS + (32 / 8)² patches
+    if layer == -1:  # the last hidden state is the tower's output before post_layernorm
+        torch.testing.assert_close(tokens, encoders.semantic_encoder(pixel_values=pixels).last_hidden_state)
     from_pixels = encoders(semantic_pixel_values=pixels)["clip"]
     torch.testing.assert_close(encoders(semantic_embeds=tokens[:, 1:])["clip"], from_pixels)
 

@@ -32,6 +32,7 @@ SHOW_O_SPECIAL_TOKENS = (
     "[PAD]",
 )
 MASK_TOKEN = "[MASK]"
+REQUIRED_SPECIAL_TOKENS = ("<|soi|>", "<|eoi|>", "<|t2i|>", "<|mmu|>", "[PAD]")
 SEQUENCE_EXPERT_KINDS = ("copy", "zero", "noise", "clip", "face")
 
 
@@ -304,6 +305,9 @@ class UniF2aceConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.special_tokens = list(self.special_tokens)
+        missing = sorted(set(REQUIRED_SPECIAL_TOKENS).difference(self.special_tokens))
+        if missing:
+            raise ValueError(f"UniF2aceConfig.special_tokens lacks {missing}")
         super().__post_init__(**kwargs)
         if self.pad_token_id is None:
             self.pad_token_id = self.special_token_id("[PAD]")
@@ -362,10 +366,6 @@ class UniF2aceConfig(PreTrainedConfig):
 
     def validate_token_layout(self):
         _check_positive(self, "text_vocab_size")
-        required = {"<|soi|>", "<|eoi|>", "<|t2i|>", "<|mmu|>", "[PAD]"}
-        missing = required.difference(self.special_tokens)
-        if missing:
-            raise ValueError(f"UniF2aceConfig.special_tokens lacks {sorted(missing)}")
         if len(set(self.special_tokens)) != len(self.special_tokens) or MASK_TOKEN in self.special_tokens:
             raise ValueError("UniF2aceConfig.special_tokens must be unique and must not contain [MASK]")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -26,10 +28,23 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_unif2ace import UniF2aceConfig
+from .modeling_unif2ace_encoders import (
+    UniF2aceFeatureEncoders,
+    UniF2aceSequenceMoeBlock,
+    init_encoder_weights,
+    place_on_image_span,
+)
+from .image_processing_unif2ace import UniF2aceImageProcessor
+from .loss_d3diff import D3DiffLoss, D3DiffOutput
+from .modeling_unif2ace_vq import UniF2aceVQModel
+from .scheduling_maskgit import MASKED, MaskGITScheduler
 
 
 MMU_TASK, T2I_TASK = 0, 1
 NUM_TASK_GROUPS = 2
+# consumed by the prefill of a cached generation; later steps only feed new text tokens
+PREFILL_ONLY_INPUTS = ("image_codes", "semantic_pixel_values", "identity_pixel_values", "semantic_embeds",
+                       "identity_embeds")
 GENERATION_AUTO_CLASS_NAMES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM")
 
 
@@ -46,22 +61,29 @@ def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 @dataclass
 class UniF2aceModelOutputWithPast(ModelOutput):
     """`last_hidden_state` (B, T, H); `router_logits`: per MoE layer (B*T, G*E) token-router logits (other groups'
-    experts at -inf); `task_ids` (B,) the task group each sequence used."""
+    experts at -inf); `sequence_router_logits`: per layer (B, G*E_seq); `task_ids` (B,) the task group each sequence
+    used; `image_targets` (B, T): the true code at positions masked by `image_generation_mask`, -100 elsewhere."""
 
     last_hidden_state: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
+    sequence_router_logits: tuple[torch.FloatTensor, ...] | None = None
     task_ids: torch.LongTensor | None = None
+    image_targets: torch.LongTensor | None = None
 
 
 @dataclass
 class UniF2aceCausalLMOutputWithPast(ModelOutput):
-    """`loss` = next-token CE (+ `router_aux_loss_coef` * `aux_loss` when router logits are returned);
-    `logits` (B, T, V)."""
+    """`loss` = text next-token CE + D3Diff (image_generation_mask given) + `router_aux_loss_coef` * `aux_loss`
+    (router logits returned); the parts are `text_loss`, `mask_loss` / `score_loss` (D3Diff) and `aux_loss`.
+    `logits` (B, T, V); None when only the generation loss was asked for (full logits are never built then)."""
 
     loss: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    mask_loss: torch.FloatTensor | None = None
+    score_loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
@@ -263,6 +285,12 @@ class UniF2aceDecoderLayer(GradientCheckpointingLayer):
         else:
             self.mlp = UniF2aceMLP(text.hidden_size, text.intermediate_size, text.hidden_act)
         self.resid_dropout = nn.Dropout(text.resid_pdrop)
+        self.layer_idx = layer_idx
+        if config.moe_config.sequence_moe:
+            self.sequence_layernorm = nn.LayerNorm(text.hidden_size, eps=text.layer_norm_eps)
+            self.sequence_moe = UniF2aceSequenceMoeBlock(config)
+        else:
+            self.sequence_layernorm = self.sequence_moe = None
 
     def forward(
         self,
@@ -270,6 +298,8 @@ class UniF2aceDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         task_ids: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        sequence_features: dict[str, torch.Tensor] | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
@@ -278,7 +308,25 @@ class UniF2aceDecoderLayer(GradientCheckpointingLayer):
         hidden_states = hidden_states + self.resid_dropout(attn_output)
         if not self.parallel:
             normed = self.post_attention_layernorm(hidden_states)
-        return hidden_states + self.resid_dropout(self.mlp(normed, task_ids))
+        hidden_states = hidden_states + self.resid_dropout(self.mlp(normed, task_ids))
+        if self.sequence_moe is not None:
+            hidden_states = hidden_states + self._sequence_moe(hidden_states, task_ids, token_mask, sequence_features,
+                                                               past_key_values)
+        return hidden_states
+
+    def _sequence_moe(self, hidden_states, task_ids, token_mask, features, past_key_values) -> torch.Tensor:
+        """One routing decision per sequence: made on the first call and remembered on the cache, so that decoding
+        new tokens keeps the prefill's experts."""
+        routes = getattr(past_key_values, "unif2ace_sequence_routes", None) if past_key_values is not None else None
+        output, _, route = self.sequence_moe(
+            self.sequence_layernorm(hidden_states), task_ids, token_mask, features,
+            route=routes.get(self.layer_idx) if routes else None,
+        )
+        if past_key_values is not None:
+            if routes is None:
+                routes = past_key_values.unif2ace_sequence_routes = {}
+            routes[self.layer_idx] = route
+        return self.resid_dropout(output)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -310,6 +358,7 @@ class UniF2acePreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False  # data-dependent routing and image spans
     _can_record_outputs = {
         "router_logits": OutputRecorder(UniF2aceTopKRouter, index=0),
+        "sequence_router_logits": OutputRecorder(UniF2aceSequenceMoeBlock, index=1),
         "hidden_states": UniF2aceDecoderLayer,
         "attentions": UniF2aceAttention,
     }
@@ -348,6 +397,7 @@ class UniF2acePreTrainedModel(PreTrainedModel):
             init.zeros_(module.down_proj_bias)
         elif isinstance(module, UniF2aceTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+        init_encoder_weights(module, std)
 
 
 def image_block_ids(input_ids: torch.LongTensor, soi_token_id: int, eoi_token_id: int) -> torch.LongTensor:
@@ -359,19 +409,46 @@ def image_block_ids(input_ids: torch.LongTensor, soi_token_id: int, eoi_token_id
     return torch.where(inside, opened, torch.full_like(opened, -1))
 
 
+def sequence_routing_mask(
+    input_ids: torch.LongTensor, valid: torch.BoolTensor | None, eoi_token_id: int
+) -> torch.BoolTensor:
+    """(B, T) positions whose mean hidden state routes the sequence-level MoE: the non-pad context up to the end of
+    the last image span (`<|eoi|>`); the first non-pad token for a sequence without an image. Text after the image
+    therefore never changes earlier outputs, and a KV-cache prefill that holds the image routes like the full
+    sequence."""
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
+    is_eoi = input_ids == eoi_token_id
+    length = input_ids.shape[1]
+    last_eoi = length - 1 - is_eoi.flip(-1).long().argmax(-1)
+    context = torch.arange(length, device=input_ids.device)[None, :] <= last_eoi[:, None]
+    first = valid & (valid.long().cumsum(-1) == 1)
+    return torch.where(is_eoi.any(-1, keepdim=True), context & valid, first)
+
+
 class UniF2aceModel(UniF2acePreTrainedModel):
-    """The unified decoder: embeddings over the unified vocabulary, decoder layers with omni-attention, final norm."""
+    """The unified decoder: the VQ image tokenizer (frozen), the feature encoders of the sequence-level experts,
+    embeddings over the unified vocabulary, decoder layers with omni-attention, final norm."""
 
     def __init__(self, config: UniF2aceConfig):
         super().__init__(config)
         text = config.text_config
+        self.vq = UniF2aceVQModel(config.vq_config)
+        self.feature_encoders = UniF2aceFeatureEncoders(config) if config.moe_config.sequence_moe else None
         self.embed_tokens = nn.Embedding(config.vocab_size, text.hidden_size)
         self.embed_dropout = nn.Dropout(text.embd_pdrop)
         self.layers = nn.ModuleList(UniF2aceDecoderLayer(config, i) for i in range(text.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(text.hidden_size, eps=text.layer_norm_eps)
         self.rotary_emb = PhiRotaryEmbedding(config=text)
         self.gradient_checkpointing = False
+        if config.freeze_vq:
+            self.vq.requires_grad_(False)
         self.post_init()
+
+    def train(self, mode: bool = True) -> "UniF2aceModel":
+        super().train(mode)
+        if self.config.freeze_vq:
+            self.vq.eval()
+        return self
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -415,14 +492,6 @@ class UniF2aceModel(UniF2acePreTrainedModel):
             past_key_values.unif2ace_task_ids = task_ids
         return task_ids
 
-    def _block_sequence_ids(self, input_ids: torch.LongTensor | None, past_length: int) -> torch.LongTensor | None:
-        if input_ids is None:
-            return None
-        blocks = image_block_ids(input_ids, self.config.soi_token_id, self.config.eoi_token_id)
-        if not bool((blocks >= 0).any()):
-            return None  # pure text: plain causal mask (lets sdpa use its causal fast path)
-        return F.pad(blocks, (past_length, 0), value=-1) if past_length else blocks
-
     @staticmethod
     def _position_ids(attention_mask: torch.Tensor | None, past_length: int, query_length: int,
                       device: torch.device) -> torch.LongTensor:
@@ -431,6 +500,78 @@ class UniF2aceModel(UniF2acePreTrainedModel):
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             return positions[:, -query_length:]
         return (torch.arange(query_length, device=device) + past_length).unsqueeze(0)
+
+    # ----- images -----
+    def encode_images(self, pixel_values: torch.FloatTensor) -> torch.LongTensor:
+        """(n, 3, R, R) pixels in [-1, 1] -> (n, N) VQ codes (no gradient while the VQ is frozen)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vq):
+            return self.vq.encode(pixel_values.to(self.vq.dtype))
+
+    def fill_image_tokens(
+        self,
+        input_ids: torch.LongTensor,
+        image_positions: torch.BoolTensor,
+        task_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None,
+        image_codes: torch.LongTensor | None,
+        image_generation_mask: torch.BoolTensor | None,
+    ) -> tuple[torch.LongTensor, torch.LongTensor | None]:
+        """Replace the `[MASK]` placeholders of the image spans by the unified ids of the images' codes (row-major:
+        image i fills the i-th span), then re-mask `image_generation_mask` (T2I training: those are the positions to
+        predict). Returns the new ids and the targets (B, T): the true code where re-masked, -100 elsewhere."""
+        config = self.config
+        placeholders = image_positions & (input_ids == config.image_token_id)
+        if pixel_values is None and image_codes is None:
+            if bool((placeholders.any(-1) & (task_ids == MMU_TASK)).any()):
+                raise ValueError(
+                    "An MMU sequence has image placeholders but neither pixel_values nor image_codes were given"
+                )
+            if image_generation_mask is not None:
+                raise ValueError("image_generation_mask needs the target images (pixel_values or image_codes)")
+            return input_ids, None
+        if pixel_values is not None and image_codes is not None:
+            raise ValueError("Pass either pixel_values or image_codes, not both")
+        codes = self.encode_images(pixel_values) if image_codes is None else image_codes
+        if codes.ndim != 2 or codes.shape[1] != config.num_image_tokens:
+            raise ValueError(f"image_codes must have shape (num_images, {config.num_image_tokens}), got {tuple(codes.shape)}")
+        if int(placeholders.sum()) != codes.numel():
+            raise ValueError(
+                f"{codes.shape[0]} images ({codes.numel()} codes) for {int(placeholders.sum())} image placeholders: "
+                f"each image needs one <|soi|> + {config.num_image_tokens} x [MASK] + <|eoi|> span"
+            )
+        if bool(((codes < 0) | (codes >= config.codebook_size)).any()):
+            raise ValueError(f"image_codes must lie in [0, {config.codebook_size})")
+        input_ids = input_ids.masked_scatter(placeholders, codes.to(input_ids.dtype) + config.image_token_offset)
+        if image_generation_mask is None:
+            return input_ids, None
+        if image_generation_mask.shape != input_ids.shape or bool((image_generation_mask & ~image_positions).any()):
+            raise ValueError("image_generation_mask must have the shape of input_ids and be True only on image spans")
+        targets = torch.where(image_generation_mask, input_ids - config.image_token_offset, -100)
+        return input_ids.masked_fill(image_generation_mask, config.mask_token_id), targets
+
+    def sequence_features(
+        self,
+        image_positions: torch.BoolTensor,
+        task_ids: torch.LongTensor,
+        semantic_pixel_values: torch.FloatTensor | None,
+        identity_pixel_values: torch.FloatTensor | None,
+        semantic_embeds: torch.FloatTensor | None,
+        identity_embeds: torch.FloatTensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Encoder features of the MMU images (one per MMU row with an image, in row order), resampled once and placed
+        on the image spans: kind -> (B, T, H). T2I rows never get any (their image is the target)."""
+        inputs = (semantic_pixel_values, identity_pixel_values, semantic_embeds, identity_embeds)
+        if self.feature_encoders is None or all(value is None for value in inputs):
+            return {}
+        rows = torch.nonzero((task_ids == MMU_TASK) & image_positions.any(-1)).flatten()
+        resampled = self.feature_encoders(*inputs)
+        for kind, features in resampled.items():
+            if features.shape[0] != rows.numel():
+                raise ValueError(
+                    f"{features.shape[0]} {kind} encoder inputs for {rows.numel()} MMU sequences with an image: pass "
+                    "one semantic / identity view (or embedding) per MMU image, in row order"
+                )
+        return {kind: place_on_image_span(f, image_positions, rows) for kind, f in resampled.items()}
 
     @merge_with_config_defaults
     @capture_outputs
@@ -443,11 +584,23 @@ class UniF2aceModel(UniF2acePreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         task_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_codes: torch.LongTensor | None = None,
+        image_generation_mask: torch.BoolTensor | None = None,
+        semantic_pixel_values: torch.FloatTensor | None = None,
+        identity_pixel_values: torch.FloatTensor | None = None,
+        semantic_embeds: torch.FloatTensor | None = None,
+        identity_embeds: torch.FloatTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> UniF2aceModelOutputWithPast:
         r"""
-        input_ids (B, T): unified-vocabulary ids (see `UniF2aceConfig`); `task_ids` (B,): 0 = MMU, 1 = T2I, derived
-        from the task token when omitted. Returns hidden states (B, T, H).
+        input_ids (B, T): unified-vocabulary ids (see `UniF2aceConfig`); image spans hold `[MASK]` placeholders that
+            `pixel_values` (n, 3, R, R) or `image_codes` (n, N) fill, image i the i-th span.
+        task_ids (B,): 0 = MMU, 1 = T2I; derived from the task token when omitted.
+        image_generation_mask (B, T) bool: T2I training, image positions to re-mask and predict (see `image_targets`).
+        semantic_pixel_values / semantic_embeds, identity_pixel_values / identity_embeds: one per MMU image, for the
+            CLIP / Face sequence experts (precomputed embeddings skip the encoders).
+        Returns hidden states (B, T, H).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
@@ -456,11 +609,22 @@ class UniF2aceModel(UniF2acePreTrainedModel):
             past_key_values = DynamicCache(config=self.config.text_config)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         self._check_inputs(input_ids, attention_mask, past_length, query_length, batch_size)
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        task_ids = self.resolve_task_ids(input_ids, task_ids, past_key_values, batch_size, device)
 
+        image_targets, block_ids, features = None, None, {}
+        if input_ids is not None:
+            blocks = image_block_ids(input_ids, self.config.soi_token_id, self.config.eoi_token_id)
+            image_positions = blocks >= 0
+            input_ids, image_targets = self.fill_image_tokens(
+                input_ids, image_positions, task_ids, pixel_values, image_codes, image_generation_mask
+            )
+            features = self.sequence_features(image_positions, task_ids, semantic_pixel_values,
+                                              identity_pixel_values, semantic_embeds, identity_embeds)
+            if bool(image_positions.any()):  # else: plain causal mask (lets sdpa use its causal fast path)
+                block_ids = F.pad(blocks, (past_length, 0), value=-1) if past_length else blocks
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        device = inputs_embeds.device
-        task_ids = self.resolve_task_ids(input_ids, task_ids, past_key_values, batch_size, device)
         if position_ids is None:
             position_ids = self._position_ids(attention_mask, past_length, query_length, device)
 
@@ -470,8 +634,11 @@ class UniF2aceModel(UniF2acePreTrainedModel):
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             position_ids=position_ids,
-            block_sequence_ids=self._block_sequence_ids(input_ids, past_length),
+            block_sequence_ids=block_ids,
         )
+        token_mask = attention_mask[:, -query_length:].bool() if attention_mask is not None and attention_mask.ndim == 2 else None
+        if input_ids is not None and self.config.moe_config.sequence_moe:
+            token_mask = sequence_routing_mask(input_ids, token_mask, self.config.eoi_token_id)
         hidden_states = self.embed_dropout(inputs_embeds)
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers:
@@ -480,6 +647,8 @@ class UniF2aceModel(UniF2acePreTrainedModel):
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 task_ids=task_ids,
+                token_mask=token_mask,
+                sequence_features=features,
                 past_key_values=past_key_values,
                 **kwargs,
             )
@@ -487,6 +656,7 @@ class UniF2aceModel(UniF2acePreTrainedModel):
             last_hidden_state=self.final_layernorm(hidden_states),
             past_key_values=past_key_values,
             task_ids=task_ids,
+            image_targets=image_targets,
         )
 
 
@@ -519,7 +689,9 @@ def load_balancing_loss(
 
 
 class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin):
-    """UniF²ace with the LM head over the unified vocabulary: text generation (MMU) through `generate()`."""
+    """UniF²ace with the LM head over the unified vocabulary: text generation (MMU) through `generate()`, image
+    generation (T2I) through `generate(..., generation_mode="image")` / `generate_images()`, and the total training
+    loss of SPEC §4 for mixed MMU + T2I batches."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -527,6 +699,13 @@ class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin)
         super().__init__(config)
         self.model = UniF2aceModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.vocab_size, bias=True)
+        self.d3diff_loss = D3DiffLoss(
+            alpha=config.d3diff_alpha,
+            score_form=config.d3diff_score_form,
+            time_weighting=config.d3diff_time_weighting,
+            time_weight_cap=config.d3diff_time_weight_cap,
+            schedule=config.mask_schedule,
+        )
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -534,6 +713,11 @@ class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin)
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def image_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM head's rows of the K image codes: weight (K, H), bias (K,)."""
+        codes = slice(self.config.image_token_offset, self.config.image_token_offset + self.config.codebook_size)
+        return self.lm_head.weight[codes], self.lm_head.bias[codes]
 
     @can_return_tuple
     def forward(
@@ -546,13 +730,20 @@ class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin)
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         task_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_codes: torch.LongTensor | None = None,
+        image_generation_mask: torch.BoolTensor | None = None,
+        mask_ratio: torch.FloatTensor | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> UniF2aceCausalLMOutputWithPast:
         r"""
-        labels (B, T): next-token targets (shifted inside), -100 ignored. With `output_router_logits` (default:
-        `config.output_router_logits`) and a token MoE, `router_aux_loss_coef * aux_loss` is added to `loss`.
+        labels (B, T): next-token targets for understanding (shifted inside), -100 ignored (T2I rows: all -100).
+        image_generation_mask (B, T) bool + mask_ratio (B,): T2I training — the masked image positions to predict and
+            each image's mask ratio r (default: the realised share of masked image tokens); adds the D3Diff loss.
+        With `output_router_logits` (default `config.output_router_logits`) and a token MoE,
+        `router_aux_loss_coef * aux_loss` is added. Other arguments: see [`UniF2aceModel.forward`].
         """
         output_router_logits = (
             self.config.output_router_logits if output_router_logits is None else output_router_logits
@@ -565,35 +756,206 @@ class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin)
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             task_ids=task_ids,
+            pixel_values=pixel_values,
+            image_codes=image_codes,
+            image_generation_mask=image_generation_mask,
             output_router_logits=output_router_logits,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        hidden_states = outputs.last_hidden_state
+        generation_only = labels is None and image_generation_mask is not None
+        logits = None if generation_only else self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
-        loss = None
+        losses = {}
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        aux_loss = None
-        if output_router_logits and outputs.router_logits:
-            length = outputs.last_hidden_state.shape[1]
-            token_mask = attention_mask.bool()[:, -length:] if attention_mask is not None else None
-            token_groups = outputs.task_ids.repeat_interleave(length)
-            moe = self.config.moe_config
-            aux_loss = load_balancing_loss(
-                outputs.router_logits, token_groups, moe.num_experts, moe.num_experts_per_tok, token_mask
+            losses["text_loss"] = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
             )
-            if loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        if image_generation_mask is not None:
+            generation = self._generation_loss(hidden_states, logits, outputs.image_targets, mask_ratio)
+            losses.update(mask_loss=generation.mask_loss, score_loss=generation.score_loss, d3diff=generation.loss)
+        if output_router_logits and outputs.router_logits:
+            length = hidden_states.shape[1]
+            token_mask = attention_mask.bool()[:, -length:] if attention_mask is not None else None
+            moe = self.config.moe_config
+            losses["aux_loss"] = load_balancing_loss(
+                outputs.router_logits, outputs.task_ids.repeat_interleave(length), moe.num_experts,
+                moe.num_experts_per_tok, token_mask,
+            )
+        loss = None
+        if "text_loss" in losses or "d3diff" in losses:
+            loss = sum(losses[name] for name in ("text_loss", "d3diff") if name in losses)
+            if "aux_loss" in losses:
+                loss = loss + self.config.router_aux_loss_coef * losses["aux_loss"].to(loss.device)
         return UniF2aceCausalLMOutputWithPast(
             loss=loss,
-            aux_loss=aux_loss,
+            text_loss=losses.get("text_loss"),
+            mask_loss=losses.get("mask_loss"),
+            score_loss=losses.get("score_loss"),
+            aux_loss=losses.get("aux_loss"),
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
         )
+
+    def _generation_loss(self, hidden_states, logits, image_targets, mask_ratio) -> D3DiffOutput:
+        """D3Diff over the masked image positions (SPEC §4): on the given logits' image-code columns, or through the
+        chunked fused LM head when no full logits were built."""
+        masked = image_targets >= 0
+        rows = masked.nonzero()[:, 0]
+        if mask_ratio is None:
+            image_tokens = self.config.num_image_tokens
+            mask_ratio = masked.sum(-1).to(hidden_states.dtype) / image_tokens
+        ratio = mask_ratio.to(hidden_states.device, torch.float32)[rows]
+        targets = image_targets[masked]
+        weight, bias = self.image_head()
+        if logits is not None and logits.shape[1] == hidden_states.shape[1]:
+            codes = slice(self.config.image_token_offset, self.config.image_token_offset + self.config.codebook_size)
+            return self.d3diff_loss(logits[masked][:, codes], targets, ratio)
+        if self.config.d3diff_chunk_size == 0:
+            return self.d3diff_loss(F.linear(hidden_states[masked], weight, bias), targets, ratio)
+        return self.d3diff_loss.forward_from_hidden(
+            hidden_states[masked], weight, bias, targets, ratio, chunk_size=self.config.d3diff_chunk_size
+        )
+
+    # ----- text generation -----
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        """Encoder inputs are consumed by the prefill only (the image is then in the cache)."""
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and model_inputs.get("use_cache", True):
+            for name in PREFILL_ONLY_INPUTS:
+                model_inputs.pop(name, None)
+        return model_inputs
+
+    def generate(self, *args, generation_mode: str = "text", **kwargs):
+        """`generation_mode="text"` (default): transformers' `generate` (MMU answers, with the KV cache).
+        `generation_mode="image"`: MaskGIT sampling of T2I prompts, returns image codes (B, N); see
+        [`generate_image_tokens`]."""
+        if generation_mode == "image":
+            return self.generate_image_tokens(*args, **kwargs)
+        if generation_mode != "text":
+            raise ValueError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}")
+        return super().generate(*args, **kwargs)
+
+    # ----- image generation -----
+    def _image_prompt_layout(self, input_ids: torch.LongTensor) -> tuple[torch.BoolTensor, torch.BoolTensor]:
+        """(image positions, prompt text positions), each (B, T), for a batch of T2I prompts."""
+        config = self.config
+        is_t2i = (input_ids == config.t2i_token_id).any(-1)
+        if not bool(is_t2i.all()) or bool((input_ids == config.mmu_token_id).any()):
+            raise ValueError(
+                "Image generation needs T2I prompts only (built by the processor with mode='t2i'); this batch mixes "
+                "in MMU sequences or lacks the <|t2i|> token"
+            )
+        blocks = image_block_ids(input_ids, config.soi_token_id, config.eoi_token_id)
+        image = (blocks >= 0) & (input_ids == config.mask_token_id)
+        counts = image.sum(-1)
+        if bool((counts != config.num_image_tokens).any()):
+            raise ValueError(
+                f"Each T2I prompt must end in one image span of {config.num_image_tokens} [MASK] tokens (this model's "
+                f"vq_config), got {counts.tolist()}"
+            )
+        position = torch.arange(input_ids.shape[1], device=input_ids.device)
+        t2i_at = (input_ids == config.t2i_token_id).long().argmax(-1, keepdim=True)
+        soi_at = (input_ids == config.soi_token_id).long().argmax(-1, keepdim=True)
+        framing = (input_ids == config.bos_token_id) | (input_ids == config.eos_token_id)
+        prompt = (position > t2i_at) & (position < soi_at) & ~framing
+        return image, prompt
+
+    @torch.no_grad()
+    def generate_image_tokens(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        temperature: float | None = None,
+        sample_temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        progress: bool = True,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """MaskGIT sampling (SPEC §5) of T2I prompts (B, T) -> image codes (B, N).
+
+        Classifier-free guidance `(1 + w) * cond - w * uncond` runs the conditional and the unconditional (prompt
+        masked out, as in training's condition dropout) halves in ONE batched forward. Defaults come from the config
+        (`image_generation_steps`, `image_guidance_scale`, `image_gumbel_temperature`, `image_sample_temperature`).
+        Seeded runs (`generator`) are bit-identical on CPU.
+        """
+        config = self.config
+        steps = config.image_generation_steps if num_inference_steps is None else num_inference_steps
+        scale = config.image_guidance_scale if guidance_scale is None else guidance_scale
+        if not isinstance(steps, int) or steps <= 0:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
+        if scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {scale}")
+        if kwargs:
+            raise TypeError(f"generate_image_tokens got unexpected arguments: {sorted(kwargs)}")
+        scheduler = MaskGITScheduler(
+            mask_schedule=config.mask_schedule,
+            temperature=config.image_gumbel_temperature if temperature is None else temperature,
+            sample_temperature=config.image_sample_temperature if sample_temperature is None else sample_temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
+        scheduler.set_timesteps(steps)
+        input_ids = input_ids.to(self.device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        image, prompt = self._image_prompt_layout(input_ids)
+        batch = input_ids.shape[0]
+        if scale > 0:
+            input_ids = torch.cat([input_ids, input_ids])
+            attention_mask = torch.cat([attention_mask, attention_mask.masked_fill(prompt, 0)])
+            image = torch.cat([image, image])
+        weight, bias = self.image_head()
+        sample = scheduler.initial_sample(batch, config.num_image_tokens, device=self.device)
+        for step in tqdm(range(steps), desc="MaskGIT", disable=not progress):
+            grid = sample.repeat(2, 1) if scale > 0 else sample
+            ids = input_ids.masked_scatter(
+                image, torch.where(grid == MASKED, config.mask_token_id, grid + config.image_token_offset)
+            )
+            hidden = self.model(ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            logits = F.linear(hidden[image].view(grid.shape[0], -1, hidden.shape[-1]), weight, bias).float()
+            if scale > 0:
+                logits = scheduler.add_guidance(logits[:batch], logits[batch:], scale)
+            sample = scheduler.step(logits, step, sample, generator=generator).prev_sample
+        return sample
+
+    def decode_image_tokens(self, image_codes: torch.LongTensor) -> torch.FloatTensor:
+        """Image codes (B, N) -> pixels (B, 3, R, R) in [-1, 1] through the VQ decoder."""
+        with torch.no_grad():
+            return self.model.vq.decode(image_codes.to(self.device))
+
+    def generate_images(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                        **kwargs) -> list[Image.Image]:
+        """T2I prompts -> PIL images: `generate_image_tokens` then `decode_image_tokens` (same keyword arguments)."""
+        codes = self.generate_image_tokens(input_ids, attention_mask, **kwargs)
+        return UniF2aceImageProcessor().postprocess(self.decode_image_tokens(codes))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by part: `decoder` (embeddings, attention, token MoE / MLP, norms, LM head), `sequence_moe`
+        (routers, gates, norms), `resamplers`, `frozen_encoders` (CLIP + identity), `vq`, `total`, and
+        `total_without_frozen` (what trains: total minus the frozen VQ and encoders)."""
+        def count(module: nn.Module | None) -> int:
+            return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+        model = self.model
+        encoders = model.feature_encoders
+        parts = {
+            "vq": count(model.vq),
+            "frozen_encoders": count(encoders.semantic_encoder) + count(encoders.identity_encoder) if encoders else 0,
+            "resamplers": count(encoders.resamplers) if encoders else 0,
+            "sequence_moe": sum(count(l.sequence_moe) + count(l.sequence_layernorm) for l in model.layers),
+            "total": count(self),
+        }
+        parts["decoder"] = parts["total"] - sum(parts[k] for k in ("vq", "frozen_encoders", "resamplers", "sequence_moe"))
+        frozen = parts["vq"] * self.config.freeze_vq + parts["frozen_encoders"] * self.config.freeze_encoders
+        parts["total_without_frozen"] = parts["total"] - frozen
+        return parts
 
 
 __all__ = [

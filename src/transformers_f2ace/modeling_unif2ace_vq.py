@@ -239,6 +239,8 @@ class UniF2aceVQPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["UniF2aceVQResBlock"]
+    # no attention inside: every attention implementation chosen for the unified model is trivially fine here
+    _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
