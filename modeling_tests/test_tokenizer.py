@@ -62,12 +62,16 @@ def test_text_round_trips_and_stays_in_the_text_range(tokenizer, config, text):
     assert tokenizer.decode(ids) == text
 
 
-def test_placeholders_fill_the_text_range_and_are_never_produced(tokenizer, config):
-    # the corpus is far too small for 1000 BPE entries: the top text ids are placeholders
+def test_placeholders_fill_the_text_range_and_ordinary_text_never_produces_them(tokenizer, config):
+    # the corpus is far too small for 1000 BPE entries: the top text ids are placeholders (special tokens, so they
+    # are atomic and skipped when decoding, like every other reserved token)
     last_text = tokenizer.convert_ids_to_tokens(config.text_vocab_size - 1)
     assert last_text.startswith("<|unused_")
-    ids = tokenizer(last_text).input_ids
-    assert len(ids) > 1 and config.text_vocab_size - 1 not in ids
+    assert tokenizer(last_text, add_special_tokens=False).input_ids == [config.text_vocab_size - 1]
+    placeholder_ids = {i for i in range(config.text_vocab_size)
+                       if tokenizer.convert_ids_to_tokens(i).startswith("<|unused_")}
+    ordinary = tokenizer("unused <| |> 1234 the quick brown fox, éàü!", add_special_tokens=False).input_ids
+    assert placeholder_ids and not placeholder_ids.intersection(ordinary)
 
 
 def test_special_and_image_tokens_are_atomic(tokenizer, config):
@@ -185,3 +189,15 @@ def test_check_names_the_first_mismatch(tokenizer):
         check_tokenizer_matches_config(tokenizer, UniF2aceConfig.tiny(vq_config=dict(codebook_bits=5)))
     with pytest.raises(ValueError, match="bos_token_id is 0 but config.bos_token_id is 3"):
         check_tokenizer_matches_config(tokenizer, UniF2aceConfig.tiny(bos_token_id=3, eos_token_id=3))
+
+
+def test_placeholder_tokens_are_skipped_when_decoding():
+    from transformers_f2ace import UniF2aceConfig
+    from transformers_f2ace.tokenization_unif2ace import train_unif2ace_tokenizer
+
+    config = UniF2aceConfig.tiny()
+    tokenizer = train_unif2ace_tokenizer(["a tiny corpus"], config)
+    placeholder = tokenizer.convert_tokens_to_ids("<|unused_0|>")
+    assert 0 < placeholder < config.text_vocab_size
+    hello = tokenizer("a tiny", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode([placeholder, *hello, placeholder + 1], skip_special_tokens=True) == "a tiny"

@@ -129,14 +129,18 @@ def train_unif2ace_tokenizer(
     # Re-lay the vocabulary: learned tokens in id order, placeholders to fill the text range, <|endoftext|> at bos.
     learned = sorted(trained.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
     ordered = [token for token, _ in learned if token != END_OF_TEXT_TOKEN]
-    ordered += [PLACEHOLDER_TOKEN_TEMPLATE.format(k) for k in range(config.text_vocab_size - 1 - len(ordered))]
+    placeholders = [PLACEHOLDER_TOKEN_TEMPLATE.format(k) for k in range(config.text_vocab_size - 1 - len(ordered))]
+    ordered += placeholders
     ordered.insert(config.bos_token_id, END_OF_TEXT_TOKEN)
     merges = [tuple(pair) for pair in json.loads(trained.to_str())["model"]["merges"]]
 
     backend = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(ordered)}, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(END_OF_TEXT_TOKEN, special=True, normalized=False)])
+    # <|endoftext|> and the placeholders keep their vocabulary ids; as special tokens they are skipped when decoding
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in [END_OF_TEXT_TOKEN, *placeholders]]
+    )
     return _wrap(_add_unified_tokens(backend, config), config)
 
 
