@@ -185,3 +185,22 @@ def test_inconsistent_vocab_in_config_is_rejected(tiny_config):
     data["text_config"]["vocab_size"] = 5
     # the unified vocabulary is derived from the layout; a stored text_config.vocab_size is overwritten, never trusted
     assert UniF2aceConfig.from_dict(data).text_config.vocab_size == tiny_config.vocab_size
+
+
+def test_per_expert_checkpoints_load_into_the_fused_layout(tmp_path, tiny_model):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model.save_pretrained(tmp_path)
+    fused = load_file(tmp_path / "model.safetensors")
+    assert "model.layers.0.mlp.experts.up_proj" in fused, "our own saves keep the fused layout"
+    names = {"up_proj": "fc1.weight", "up_proj_bias": "fc1.bias", "down_proj": "fc2.weight", "down_proj_bias": "fc2.bias"}
+    per_expert = {}
+    for key, value in fused.items():
+        prefix, name = key.rsplit(".", 1)
+        if prefix.endswith((".mlp.experts", ".mlp.shared_experts")):
+            per_expert.update({f"{prefix}.{e}.{names[name]}": value[e].clone() for e in range(value.shape[0])})
+        else:
+            per_expert[key] = value
+    assert "model.layers.1.mlp.experts.7.fc2.bias" in per_expert
+    save_file(per_expert, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert_same_weights(tiny_model, AutoModelForCausalLM.from_pretrained(tmp_path))

@@ -332,3 +332,19 @@ def test_integer_pixel_values_raise():
 def test_bad_codes_raise(codes, message):
     with pytest.raises(ValueError, match=message):
         vq_model().decode(codes)
+
+
+def test_vq_loads_through_auto_classes(tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    from transformers_f2ace import UniF2aceVQConfig, UniF2aceVQModel
+
+    config = UniF2aceVQConfig(resolution=32, base_channels=8, channel_multipliers=[1, 2, 2, 2], num_res_blocks=1,
+                              codebook_bits=4)
+    model = UniF2aceVQModel(config).eval()
+    model.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is UniF2aceVQConfig
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is UniF2aceVQModel
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(loaded.encode(pixels), model.encode(pixels))

@@ -7,6 +7,7 @@ from .configuration_unif2ace import UniF2aceConfig, UniF2aceIdentityConfig, UniF
 from .configuration_unif2ace_vq import UniF2aceVQConfig
 from .image_processing_unif2ace import UniF2aceImageProcessor
 from .modeling_unif2ace import UniF2aceForConditionalGeneration, UniF2aceModel, UniF2acePreTrainedModel
+from .modeling_unif2ace_vq import UniF2aceVQModel
 from .processing_unif2ace import UniF2aceProcessor
 from .registration import register_auto_classes
 
@@ -23,6 +24,7 @@ __all__ = [
     "UniF2acePreTrainedModel",
     "UniF2aceModel",
     "UniF2aceForConditionalGeneration",
+    "UniF2aceVQModel",
     "UniF2aceImageProcessor",
     "UniF2aceProcessor",
     "register_auto_classes",

@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import MergeModulelist, WeightConverter
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
@@ -46,6 +48,21 @@ NUM_TASK_GROUPS = 2
 PREFILL_ONLY_INPUTS = ("image_codes", "semantic_pixel_values", "identity_pixel_values", "semantic_embeds",
                        "identity_embeds")
 GENERATION_AUTO_CLASS_NAMES = ("AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM")
+
+
+# Per-expert checkpoints (`mlp.experts.{e}.fc1.weight` ..., e.g. a dense Phi MLP upcycled expert by expert) load into the
+# fused 3-D layout. Registered here, in the modeling file, so `trust_remote_code` loads get it too.
+EXPERT_KEY_CONVERSION = [
+    WeightConverter(
+        source_patterns=f"mlp.{experts}.*.{source}", target_patterns=f"mlp.{experts}.{target}",
+        operations=[MergeModulelist(dim=0)],
+    )
+    for experts in ("experts", "shared_experts")
+    for source, target in (
+        ("fc1.weight", "up_proj"), ("fc1.bias", "up_proj_bias"), ("fc2.weight", "down_proj"), ("fc2.bias", "down_proj_bias")
+    )
+]
+register_checkpoint_conversion_mapping("unif2ace", EXPERT_KEY_CONVERSION, overwrite=True)
 
 
 def activation_function(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -376,15 +393,16 @@ class UniF2acePreTrainedModel(PreTrainedModel):
             _raise_on_incompatible_checkpoint(cls.__name__, info)
         return (model, info) if return_info else model
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """Also writes the complete `auto_map` (every Auto class) so the folder loads with `trust_remote_code=True`
-        without this package installed; weights are always safetensors."""
+        without this package installed; weights are always safetensors, in the fused expert layout (pass
+        `save_original_format=True` for per-expert keys)."""
         self.config.auto_map = {
             "AutoConfig": "configuration_unif2ace.UniF2aceConfig",
             "AutoModel": "modeling_unif2ace.UniF2aceModel",
             **{name: "modeling_unif2ace.UniF2aceForConditionalGeneration" for name in GENERATION_AUTO_CLASS_NAMES},
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

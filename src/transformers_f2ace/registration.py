@@ -15,6 +15,7 @@ from .configuration_unif2ace import UniF2aceConfig, UniF2aceIdentityConfig, UniF
 from .configuration_unif2ace_vq import UniF2aceVQConfig
 from .image_processing_unif2ace import UniF2aceImageProcessor
 from .modeling_unif2ace import UniF2aceForConditionalGeneration, UniF2aceModel
+from .modeling_unif2ace_vq import UniF2aceVQModel
 from .processing_unif2ace import UniF2aceProcessor
 
 
@@ -26,6 +27,7 @@ def register_auto_classes() -> None:
     for config_class in (UniF2aceConfig, UniF2aceTextConfig, UniF2aceMoEConfig, UniF2aceIdentityConfig, UniF2aceVQConfig):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModel.register(UniF2aceConfig, UniF2aceModel, exist_ok=True)
+    AutoModel.register(UniF2aceVQConfig, UniF2aceVQModel, exist_ok=True)
     for auto in GENERATION_AUTO_CLASSES:
         auto.register(UniF2aceConfig, UniF2aceForConditionalGeneration, exist_ok=True)
     AutoImageProcessor.register(UniF2aceConfig, image_processor_classes={"pil": UniF2aceImageProcessor}, exist_ok=True)
