@@ -29,7 +29,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- elif message['role'] == 'user' -%}"
     "USER: {% for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}{{ '\\n' }}"
     "{%- else -%}"
-    "ASSISTANT: {% generation %}{% for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "ASSISTANT:{% generation %} {% for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
     "<|endoftext|>{% endgeneration %}{{ '\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"

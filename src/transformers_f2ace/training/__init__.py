@@ -1,0 +1,18 @@
+"""Training utilities: the mixed MMU + T2I collator and Trainer, the VQ tokenizer's training loop.
+
+Exports load lazily, so that importing one utility does not import `transformers.Trainer`.
+"""
+
+import importlib
+
+
+_EXPORTS = {"UniF2aceDataCollator": ".collator", "UniF2aceTrainer": ".trainer"}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

@@ -1,0 +1,135 @@
+"""`UniF2aceTrainer`: `transformers.Trainer` for mixed MMU + T2I batches (SPEC §4: text CE + D3Diff + balance loss).
+
+The model computes the whole loss itself (`outputs.loss`); the trainer adds what a plain `Trainer` lacks:
+- the separate terms `text_loss`, `mask_loss`, `score_loss`, `aux_loss` in the training logs (each the mean over the
+  micro-batches since the previous log that had the term, summed over processes) and in the evaluation metrics
+  (`eval_text_loss`, ...);
+- raw records reach the collator (`remove_unused_columns` is turned off: the columns are `image`, `caption`,
+  `messages`, ..., none of which is a `forward` argument);
+- a [`UniF2aceDataCollator`] built from `processing_class` and the model config when no `data_collator` is given;
+- an evaluation loss for every batch, including T2I-only batches that carry no `labels`.
+
+Gradient accumulation: every term is a mean over its micro-batch, so `compute_loss` returns a per-micro-batch mean
+and the Trainer divides it by the number of accumulation steps (`loss_is_scaled_for_ga = False`); the text loss is
+not re-normalised by the token count of the whole accumulated batch (`num_items_in_batch` is not passed), which would
+mix two normalisations in one sum.
+"""
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_pt_utils import nested_detach
+from transformers.trainer_utils import EvalLoopOutput
+from transformers.utils import logging
+
+from ..processing_unif2ace import UniF2aceProcessor
+from .collator import UniF2aceDataCollator
+
+
+logger = logging.get_logger(__name__)
+
+LOSS_TERMS = ("text_loss", "mask_loss", "score_loss", "aux_loss")
+
+
+class UniF2aceTrainer(Trainer):
+    r"""
+    [`~transformers.Trainer`] for [`UniF2aceForConditionalGeneration`] on mixed understanding + generation data.
+
+    Takes the same arguments as `Trainer`. With `data_collator=None` and a [`UniF2aceProcessor`] as
+    `processing_class`, the collator is `UniF2aceDataCollator.from_config(processing_class, model.config,
+    seed=args.data_seed or args.seed)`. `args.remove_unused_columns` is set to False (the collator needs the raw
+    record columns).
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, **kwargs):
+        if data_collator is None and isinstance(processing_class, UniF2aceProcessor) and model is not None:
+            seed = None if args is None else (args.data_seed if args.data_seed is not None else args.seed)
+            data_collator = UniF2aceDataCollator.from_config(processing_class, model.config, seed=seed)
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+        if self.args.remove_unused_columns:
+            logger.info("UniF2aceTrainer sets remove_unused_columns=False: the collator reads the raw record columns")
+            self.args.remove_unused_columns = False
+        self.model_accepts_loss_kwargs = False  # num_items_in_batch is neither counted nor passed (module docstring)
+        self._loss_terms = {split: self._empty_terms() for split in ("train", "eval")}
+
+    def _empty_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums, counts), one slot per name of LOSS_TERMS, on the training device."""
+        device = self.args.device
+        return torch.zeros(len(LOSS_TERMS), device=device), torch.zeros(len(LOSS_TERMS), device=device)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """`outputs.loss` of the model (text CE + D3Diff + λ · balance), a mean over this micro-batch
+        (`num_items_in_batch` is ignored, see the module docstring); records the separate terms for logging."""
+        outputs = model(**inputs)
+        if outputs.loss is None:
+            raise ValueError(
+                "The model returned no loss: a batch needs `labels` (MMU rows) or `image_generation_mask` (T2I rows); "
+                "build batches with UniF2aceDataCollator"
+            )
+        sums, counts = self._loss_terms["train" if model.training else "eval"]
+        for slot, name in enumerate(LOSS_TERMS):
+            value = getattr(outputs, name, None)
+            if value is not None:
+                sums[slot] += value.detach().float().mean().to(sums.device)
+                counts[slot] += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _pop_loss_terms(self, split: str, prefix: str) -> dict[str, float]:
+        """Means of the recorded terms over micro-batches (and processes) since the last call; resets them."""
+        sums, counts = self._loss_terms[split]
+        self._loss_terms[split] = self._empty_terms()
+        totals = self.accelerator.reduce(torch.cat([sums, counts]), reduction="sum").tolist()
+        sums, counts = totals[: len(LOSS_TERMS)], totals[len(LOSS_TERMS):]
+        return {f"{prefix}{name}": total / count for name, total, count in zip(LOSS_TERMS, sums, counts) if count > 0}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs (those with `loss`) also get the mean `text_loss`, `mask_loss`, `score_loss`, `aux_loss`."""
+        if "loss" in logs:
+            logs = {**logs, **self._pop_loss_terms("train", prefix="")}
+        super().log(logs, start_time)
+
+    def evaluation_loop(
+        self,
+        dataloader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """The Trainer's loop, plus `{metric_key_prefix}_text_loss`, ... in the metrics."""
+        self._loss_terms["eval"] = self._empty_terms()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update(self._pop_loss_terms("eval", prefix=f"{metric_key_prefix}_"))
+        return output
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(loss, logits, labels) of one batch; the loss exists for every batch (T2I-only batches have no labels and
+        no logits: the model skips the full LM head there)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach().mean()
+        if prediction_loss_only:
+            return loss, None, None
+        logits = None if outputs.logits is None else nested_detach(outputs.logits)
+        return loss, logits, inputs.get("labels")
+
+
+__all__ = ["UniF2aceTrainer"]
