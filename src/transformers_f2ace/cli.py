@@ -6,18 +6,18 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import PROMPTS, run_demo
+    from .demo import run_demo
 
     result = run_demo(Path(args.output_dir), Path(args.model) if args.model else None, args.steps, args.seed,
                       progress=not args.no_progress)
     if not result.trained:
         print("NOTE: no trained checkpoint was found, so this demo runs a small UniF²ace with UNTRAINED random "
               "weights: every stage runs, but the answers and faces are noise.")
-    print("Understanding (faces in the top row of the grid):")
-    for question, answer in result.answers:
-        print(f"  Q: {question}\n  A: {answer or '(empty)'}")
-    print("Generation (bottom row of the grid), prompts:")
-    for prompt in PROMPTS:
+    print("Understanding (held-out SynthFace faces, top row of the grid):")
+    for question, answer, truth in result.answers:
+        print(f"  Q: {question}\n  A: {answer or '(empty)'}   (ground truth: {truth})")
+    print("Generation (prompts: captions of the faces in the middle row; generated faces in the bottom row):")
+    for prompt in result.prompts:
         print(f"  - {prompt}")
     print(f"Wrote {result.grid_path.resolve()} in {result.seconds:.1f} s")
     return 0
