@@ -232,3 +232,29 @@ def test_base_model_returns_hidden_states(tiny_config):
     out = model(mmu_ids(tiny_config, TEXT), output_hidden_states=True)
     assert out.last_hidden_state.shape[-1] == tiny_config.text_config.hidden_size
     assert len(out.hidden_states) == tiny_config.text_config.num_hidden_layers + 1
+
+
+def test_resizing_the_unified_vocabulary_is_refused(tiny_model, tiny_config):
+    assert tiny_model.resize_token_embeddings(tiny_config.vocab_size).num_embeddings == tiny_config.vocab_size
+    with pytest.raises(ValueError, match="laid out by the config"):
+        tiny_model.resize_token_embeddings(tiny_config.vocab_size + 10)
+
+
+def test_inputs_embeds_route_causally_and_generate(tiny_config):
+    torch.manual_seed(0)
+    model = UniF2aceForConditionalGeneration(UniF2aceConfig.tiny(moe_config=dict(token_moe=False))).eval()
+    embeds = model.get_input_embeddings()(torch.tensor([[tiny_config.mmu_token_id, 5, 6, 7, 8]]))
+    changed = embeds.clone()
+    changed[0, -1] += 1.0
+    with torch.no_grad():
+        a = model(inputs_embeds=embeds, task_ids=torch.tensor([0])).logits
+        b = model(inputs_embeds=changed, task_ids=torch.tensor([0])).logits
+    assert (a - b)[0, :-1].abs().max() == 0
+    out = model.generate(inputs_embeds=embeds, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 3)
+
+
+def test_default_end_of_text_id_follows_the_text_range():
+    assert UniF2aceConfig().bos_token_id == 50256
+    small = UniF2aceConfig.tiny(bos_token_id=None, eos_token_id=None)
+    assert small.bos_token_id == small.eos_token_id == 0

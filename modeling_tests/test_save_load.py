@@ -204,3 +204,9 @@ def test_per_expert_checkpoints_load_into_the_fused_layout(tmp_path, tiny_model)
     assert "model.layers.1.mlp.experts.7.fc2.bias" in per_expert
     save_file(per_expert, tmp_path / "model.safetensors", metadata={"format": "pt"})
     assert_same_weights(tiny_model, AutoModelForCausalLM.from_pretrained(tmp_path))
+
+
+def test_base_model_checkpoint_loads_into_the_head_class(tmp_path, tiny_model):
+    tiny_model.model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert_same_weights(tiny_model.model, loaded.model)

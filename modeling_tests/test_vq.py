@@ -348,3 +348,15 @@ def test_vq_loads_through_auto_classes(tmp_path):
     assert type(loaded) is UniF2aceVQModel
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.equal(loaded.encode(pixels), model.encode(pixels))
+
+
+def test_vq_forward_accepts_return_dict_false():
+    from transformers_f2ace import UniF2aceVQConfig, UniF2aceVQModel
+
+    config = UniF2aceVQConfig(resolution=32, base_channels=8, channel_multipliers=[1, 2, 2, 2], num_res_blocks=1,
+                              codebook_bits=4)
+    model = UniF2aceVQModel(config).eval()
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    as_tuple = model(pixels, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    assert torch.equal(as_tuple[0], model(pixels).reconstruction)

@@ -1,4 +1,4 @@
-"""The `unif2ace` command line: demo | generate | describe."""
+"""The `unif2ace` command line: demo | generate | describe | convert | push."""
 
 import argparse
 import sys
@@ -65,6 +65,38 @@ def _describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .conversion import convert_showo_folder, convert_unif2ace_folder
+
+    try:
+        if args.reverse:
+            folder = convert_unif2ace_folder(args.src, args.dst, upcycle=args.upcycle)
+            print(f"Wrote the Show-o checkpoint {folder.resolve()} (model.safetensors, config.json, phi/config.json)")
+            return 0
+        error = convert_showo_folder(
+            args.src, args.dst, upcycle=args.upcycle, allow_pickle=args.allow_pickle, config=args.config,
+            num_attention_heads=args.num_attention_heads, vq=args.vq, block_style=args.block_style, seed=args.seed,
+        )
+    except ValueError as problem:
+        raise SystemExit(f"unif2ace convert: {problem}")
+    print(f"Dense-equivalence check: max |token MoE with every routed expert on - Show-o MLP| = {error:.1e} (float64)")
+    print(f"Wrote the UniF²ace checkpoint {Path(args.dst).resolve()}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import DEFAULT_COMMIT_MESSAGE, HubUploadError, upload_checkpoint
+
+    try:
+        info = upload_checkpoint(args.folder, args.repo_id, revision=args.revision, private=args.private,
+                                 commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE,
+                                 base_model=args.base_model)
+    except (HubUploadError, PermissionError, ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"unif2ace push: {error}")
+    print(f"Pushed {args.folder} to {args.repo_id} ({args.revision or 'main'}) in commit {info.oid}: {info.commit_url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unif2ace", description="UniF²ace: fine-grained face understanding and generation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("--model", help="a checkpoint folder or Hub id (default: the embedded model)")
     describe.add_argument("--max-new-tokens", type=int, default=64)
     describe.set_defaults(run=_describe)
+
+    convert = commands.add_parser("convert", help="Show-o (Phi-1.5) checkpoint -> UniF²ace (upcycled MoE), or back")
+    convert.add_argument("src", help="Show-o folder / .safetensors / index.json (with --reverse: a UniF²ace folder)")
+    convert.add_argument("dst", help="output folder")
+    convert.add_argument("--upcycle", choices=("slice", "copy"), default="slice",
+                         help="slice the dense MLP into the experts (default) or copy it into every expert")
+    convert.add_argument("--allow-pickle", action="store_true",
+                         help="read a trusted pickle checkpoint (pytorch_model.bin) with torch.load(weights_only=True)")
+    convert.add_argument("--reverse", action="store_true", help="UniF²ace -> Show-o (an upcycled, untrained MoE only)")
+    convert.add_argument("--config", help="UniF²ace config.json or folder to convert into (default: derived)")
+    convert.add_argument("--num-attention-heads", type=int, default=32, help="for a derived config (Phi-1.5: 32)")
+    convert.add_argument("--vq", help="a UniF2aceVQModel folder to keep (Show-o's MAGVIT-v2 cannot be converted)")
+    convert.add_argument("--block-style", choices=("parallel", "sequential"),
+                         help="override; sequential is accepted but not equivalent to Show-o")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised new modules")
+    convert.set_defaults(run=_convert)
+
+    push = commands.add_parser(
+        "push", help="upload a saved checkpoint folder (adapters in it included) to the Hub in one commit",
+        description="Uploads every file of FOLDER in one commit; renders a model card when FOLDER has no README.md. "
+                    "The token comes from HF_TOKEN or `hf auth login` (never from the command line).")
+    push.add_argument("folder", help="a folder written by save_pretrained (a model, or a PEFT adapter)")
+    push.add_argument("repo_id", help="the Hub repo, namespace/name (created when missing)")
+    push.add_argument("--revision", "--branch", dest="revision",
+                      help="the branch to commit to, created from main when missing (default: main)")
+    push.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its "
+                                                             "visibility)")
+    push.add_argument("--commit-message", help="the commit title")
+    push.add_argument("--base-model", help="Hub id of the base model, for the card (required for an adapter whose "
+                                           "config names a local base)")
+    push.set_defaults(run=_push)
     return parser
 
 

@@ -32,6 +32,7 @@ SHOW_O_SPECIAL_TOKENS = (
     "[PAD]",
 )
 MASK_TOKEN = "[MASK]"
+PHI_END_OF_TEXT_ID = 50256  # <|endoftext|> in Phi-1.5's tokenizer
 REQUIRED_SPECIAL_TOKENS = ("<|soi|>", "<|eoi|>", "<|t2i|>", "<|mmu|>", "[PAD]")
 SEQUENCE_EXPERT_KINDS = ("copy", "zero", "noise", "clip", "face")
 
@@ -253,7 +254,8 @@ class UniF2aceConfig(PreTrainedConfig):
         identity_config ([`UniF2aceIdentityConfig`]): the identity network feeding the Face sequence expert.
         text_vocab_size (`int`): embedding rows reserved for text tokens (Phi-1.5: 50,295).
         special_tokens (`list[str]`): the task / delimiter tokens placed right after the text tokens.
-        bos_token_id, eos_token_id: text-tokenizer ids (Phi: `<|endoftext|>` = 50256); pad_token_id: `[PAD]` by default.
+        bos_token_id, eos_token_id: the `<|endoftext|>` id; default 50256 (Phi-1.5's) when the text range holds it,
+            else 0 (tokenizers trained by this package put it first); pad_token_id: `[PAD]` by default.
         output_router_logits (`bool`): return router logits and add the balance loss to `loss`.
         router_aux_loss_coef (`float`): λ of the load-balancing loss (0.01).
         freeze_vq (`bool`), freeze_encoders (`bool`): keep the image tokenizer / encoders frozen (default: both).
@@ -281,8 +283,8 @@ class UniF2aceConfig(PreTrainedConfig):
     identity_config: dict | PreTrainedConfig | None = None
     text_vocab_size: int = 50295
     special_tokens: list[str] | tuple[str, ...] = SHOW_O_SPECIAL_TOKENS
-    bos_token_id: int | None = 50256
-    eos_token_id: int | None = 50256
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
     pad_token_id: int | None = None
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.01
@@ -309,6 +311,9 @@ class UniF2aceConfig(PreTrainedConfig):
         if missing:
             raise ValueError(f"UniF2aceConfig.special_tokens lacks {missing}")
         super().__post_init__(**kwargs)
+        default_end_of_text = PHI_END_OF_TEXT_ID if self.text_vocab_size > PHI_END_OF_TEXT_ID else 0
+        self.bos_token_id = default_end_of_text if self.bos_token_id is None else self.bos_token_id
+        self.eos_token_id = default_end_of_text if self.eos_token_id is None else self.eos_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.special_token_id("[PAD]")
         text = self.text_config

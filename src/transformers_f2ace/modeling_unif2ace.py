@@ -350,8 +350,11 @@ class UniF2aceDecoderLayer(GradientCheckpointingLayer):
 # Pre-trained model plumbing
 # --------------------------------------------------------------------------------------------------------------------
 def _raise_on_incompatible_checkpoint(class_name: str, info: dict) -> None:
+    """Weights of another shape are always an error; missing weights are one too, except a missing LM head (loading a
+    base-model checkpoint into the head class, which transformers initialises and reports)."""
     problems = [f"{key}: checkpoint {tuple(old)} vs model {tuple(new)}" for key, old, new in sorted(info["mismatched_keys"])]
-    problems += [f"{key}: missing from the checkpoint" for key in sorted(info["missing_keys"])]
+    problems += [f"{key}: missing from the checkpoint" for key in sorted(info["missing_keys"])
+                 if not key.startswith("lm_head.")]
     if problems:
         shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
         raise ValueError(
@@ -393,6 +396,17 @@ class UniF2acePreTrainedModel(PreTrainedModel):
             _raise_on_incompatible_checkpoint(cls.__name__, info)
         return (model, info) if return_info else model
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs):
+        """The unified vocabulary is derived from `text_vocab_size`, `special_tokens` and the VQ codebook (image codes
+        and `[MASK]` sit at fixed offsets), so it cannot grow at the end; only a no-op resize is accepted."""
+        if new_num_tokens not in (None, self.config.vocab_size):
+            raise ValueError(
+                f"UniF²ace's vocabulary ({self.config.vocab_size} ids) is laid out by the config: text_vocab_size "
+                f"({self.config.text_vocab_size}) + special tokens + {self.config.codebook_size} image codes + [MASK]. "
+                "Change those fields and build a new model (or convert the checkpoint) instead of resizing."
+            )
+        return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
+
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """Also writes the complete `auto_map` (every Auto class) so the folder loads with `trust_remote_code=True`
         without this package installed; weights are always safetensors, in the fused expert layout (pass
@@ -428,18 +442,20 @@ def image_block_ids(input_ids: torch.LongTensor, soi_token_id: int, eoi_token_id
 
 
 def sequence_routing_mask(
-    input_ids: torch.LongTensor, valid: torch.BoolTensor | None, eoi_token_id: int
+    input_ids: torch.LongTensor | None, valid: torch.BoolTensor | None, eoi_token_id: int, shape: torch.Size
 ) -> torch.BoolTensor:
     """(B, T) positions whose mean hidden state routes the sequence-level MoE: the non-pad context up to the end of
-    the last image span (`<|eoi|>`); the first non-pad token for a sequence without an image. Text after the image
-    therefore never changes earlier outputs, and a KV-cache prefill that holds the image routes like the full
-    sequence."""
-    valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
+    the last image span (`<|eoi|>`); the first non-pad token for a sequence without an image (or given as
+    `inputs_embeds`, where image spans cannot be seen). Text after the image therefore never changes earlier outputs,
+    and a KV-cache prefill that holds the image routes like the full sequence."""
+    valid = torch.ones(shape, dtype=torch.bool, device=valid.device if valid is not None else None) if valid is None else valid
+    first = valid & (valid.long().cumsum(-1) == 1)
+    if input_ids is None:
+        return first
     is_eoi = input_ids == eoi_token_id
     length = input_ids.shape[1]
     last_eoi = length - 1 - is_eoi.flip(-1).long().argmax(-1)
     context = torch.arange(length, device=input_ids.device)[None, :] <= last_eoi[:, None]
-    first = valid & (valid.long().cumsum(-1) == 1)
     return torch.where(is_eoi.any(-1, keepdim=True), context & valid, first)
 
 
@@ -450,13 +466,13 @@ class UniF2aceModel(UniF2acePreTrainedModel):
     def __init__(self, config: UniF2aceConfig):
         super().__init__(config)
         text = config.text_config
-        self.vq = UniF2aceVQModel(config.vq_config)
-        self.feature_encoders = UniF2aceFeatureEncoders(config) if config.moe_config.sequence_moe else None
         self.embed_tokens = nn.Embedding(config.vocab_size, text.hidden_size)
         self.embed_dropout = nn.Dropout(text.embd_pdrop)
         self.layers = nn.ModuleList(UniF2aceDecoderLayer(config, i) for i in range(text.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(text.hidden_size, eps=text.layer_norm_eps)
         self.rotary_emb = PhiRotaryEmbedding(config=text)
+        self.vq = UniF2aceVQModel(config.vq_config)
+        self.feature_encoders = UniF2aceFeatureEncoders(config) if config.moe_config.sequence_moe else None
         self.gradient_checkpointing = False
         if config.freeze_vq:
             self.vq.requires_grad_(False)
@@ -655,8 +671,8 @@ class UniF2aceModel(UniF2acePreTrainedModel):
             block_sequence_ids=block_ids,
         )
         token_mask = attention_mask[:, -query_length:].bool() if attention_mask is not None and attention_mask.ndim == 2 else None
-        if input_ids is not None and self.config.moe_config.sequence_moe:
-            token_mask = sequence_routing_mask(input_ids, token_mask, self.config.eoi_token_id)
+        if self.config.moe_config.sequence_moe:
+            token_mask = sequence_routing_mask(input_ids, token_mask, self.config.eoi_token_id, inputs_embeds.shape[:2])
         hidden_states = self.embed_dropout(inputs_embeds)
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer in self.layers:
@@ -847,9 +863,21 @@ class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin)
         )
 
     # ----- text generation -----
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
         """Encoder inputs are consumed by the prefill only (the image is then in the cache)."""
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, past_key_values=past_key_values,
+            attention_mask=attention_mask, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
         if not is_first_iteration and model_inputs.get("use_cache", True):
             for name in PREFILL_ONLY_INPUTS:
                 model_inputs.pop(name, None)

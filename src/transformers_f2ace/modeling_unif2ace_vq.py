@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 
 from .configuration_unif2ace_vq import UniF2aceVQConfig
 
@@ -305,9 +306,13 @@ class UniF2aceVQModel(UniF2aceVQPreTrainedModel):
         quantized = self.quantizer.codes_to_quantized(grid, dtype=self.dtype)
         return self.decoder(quantized).clamp(-1.0, 1.0)
 
-    def forward(self, pixel_values: torch.FloatTensor, return_loss: bool = True) -> UniF2aceVQOutput:
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.FloatTensor, return_loss: bool = True, **kwargs: Unpack[TransformersKwargs]
+    ) -> UniF2aceVQOutput:
         """Encode, quantize and decode `pixel_values` `(B, 3, resolution, resolution)` in `[-1, 1]`; with
-        `return_loss`, also compute the training losses (see [`UniF2aceVQOutput`])."""
+        `return_loss`, also compute the training losses (see [`UniF2aceVQOutput`]). `return_dict=False` gives a
+        tuple, as for any transformers model."""
         self._check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(self.dtype)
         latents = self.encoder(pixel_values)
