@@ -8,7 +8,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import transformers_f2ace  # noqa: E402  (registers the Auto classes)
+import transformers_f2ace  # noqa: E402, F401  (registers the Auto classes)
 from transformers_f2ace import UniF2aceConfig, UniF2aceForConditionalGeneration  # noqa: E402
 
 

@@ -139,3 +139,9 @@ def test_chunked_fused_generation_loss_equals_the_plain_path(tiny_processor, tin
         grads.append(model.lm_head.weight.grad.clone())
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_a_single_prompt_generates(tiny_model, tiny_processor, tiny_config):
+    prompt = tiny_processor(text=PROMPTS[0], return_tensors="pt")
+    images = tiny_model.generate_images(**prompt, num_inference_steps=2, progress=False)
+    assert len(images) == 1 and images[0].size == (tiny_config.vq_config.resolution,) * 2

@@ -4,6 +4,7 @@ Shapes: B batch, T sequence length, H hidden size, V unified vocabulary, G task 
 E routed experts per group, I expert width.
 """
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -741,6 +742,16 @@ class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin)
             schedule=config.mask_schedule,
         )
         self.post_init()
+
+    # Set when the package is imported (to its model-card renderer): `push_to_hub` then uploads this model's card
+    # instead of transformers' generic README. Loaded through trust_remote_code, it stays None.
+    model_card_renderer = None
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        """The upload step of `push_to_hub` and `save_pretrained(push_to_hub=True)`: writes this model's card first."""
+        if self.model_card_renderer is not None:
+            self.model_card_renderer(self, repo_id=repo_id).save(os.path.join(working_dir, "README.md"))
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

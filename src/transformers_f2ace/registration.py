@@ -13,6 +13,7 @@ from transformers import (
 
 from .configuration_unif2ace import UniF2aceConfig, UniF2aceIdentityConfig, UniF2aceMoEConfig, UniF2aceTextConfig
 from .configuration_unif2ace_vq import UniF2aceVQConfig
+from .hub import render_model_card
 from .image_processing_unif2ace import UniF2aceImageProcessor
 from .modeling_unif2ace import UniF2aceForConditionalGeneration, UniF2aceModel
 from .modeling_unif2ace_vq import UniF2aceVQModel
@@ -37,3 +38,6 @@ def register_auto_classes() -> None:
     UniF2aceConfig.register_for_auto_class("AutoConfig")
     UniF2aceModel.register_for_auto_class("AutoModel")
     UniF2aceForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+    UniF2aceProcessor.register_for_auto_class("AutoProcessor")
+    UniF2aceImageProcessor.register_for_auto_class("AutoImageProcessor")
+    UniF2aceForConditionalGeneration.model_card_renderer = staticmethod(render_model_card)

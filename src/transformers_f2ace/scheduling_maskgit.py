@@ -143,7 +143,7 @@ class MaskGITScheduler:
         total = cdf[:, -1:]
         if not bool(((total > 0) & torch.isfinite(total)).all()):  # an O(M) check on the cumsum we need anyway
             raise ValueError("logits contain NaN or +inf (or a row with no finite entry) at masked positions")
-        cdf.div_(total)  # last entry exactly 1 > any uniform
+        cdf = cdf / total  # last entry exactly 1 > any uniform (not in place: `total` is a view of `cdf`)
         return torch.searchsorted(cdf, uniforms[:, None].to(cdf.dtype), right=True).squeeze(1)
 
     def step(
