@@ -238,7 +238,7 @@ def test_adapter_card(checkpoint):
     assert {"unif2ace", "peft", "lora", f"base_model:adapter:{REPO}"} <= set(data["tags"])
     assert "LORA, rank 4, alpha 8" in card.text and "`q_proj`, `v_proj`" in card.text
     [snippet] = card_sections(card.text)
-    assert f'PeftModel.from_pretrained(base, "org/unif2ace-lora")' in snippet
+    assert 'PeftModel.from_pretrained(base, "org/unif2ace-lora")' in snippet
     assert f'AutoModelForImageTextToText.from_pretrained("{REPO}")' in snippet
     assert validate_card_metadata(str(card)) == []
 

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 from transformers import TrainingArguments
 
 from transformers_f2ace import UniF2aceConfig, UniF2aceForConditionalGeneration
-from transformers_f2ace.training import UniF2aceDataCollator, UniF2aceTrainer
+from transformers_f2ace.training import StepSeededCollator, UniF2aceDataCollator, UniF2aceTrainer
 
 
 COLOURS = [(200, 0, 0), (0, 0, 200), (0, 200, 0), (90, 90, 90), (250, 200, 0), (0, 180, 180)]
@@ -306,7 +306,9 @@ def test_trainer_learns_mixed_data(tmp_path, tiny_processor, one_thread):
     frozen_before = frozen_state(model)
     trainer = trainer_for(model, tiny_processor, tmp_path, training_records(), max_steps=30,
                           per_device_train_batch_size=8, learning_rate=5e-3, warmup_steps=0)
-    assert isinstance(trainer.data_collator, UniF2aceDataCollator) and trainer.args.remove_unused_columns is False
+    assert isinstance(trainer.data_collator, StepSeededCollator)
+    assert isinstance(trainer.data_collator.collator, UniF2aceDataCollator)
+    assert trainer.args.remove_unused_columns is False
     trainer.train()
 
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]

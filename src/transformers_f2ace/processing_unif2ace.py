@@ -9,7 +9,8 @@ first. Batches are left-padded with `[PAD]` so that generation continues every r
 T2I image span ends at the same column.
 """
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
@@ -35,6 +36,22 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
 )
+
+
+def _expand(text: str, replacements: list[tuple[int, int, str, str]]) -> tuple[str, list[dict[str, Any]]]:
+    """Apply `(start, end, type, replacement)` edits (sorted, non-overlapping; `start == end` inserts) to `text`.
+    Returns the new text and, per edit, transformers' replacement record: `span` in `text`, `new_span` in the result
+    (what `ProcessorMixin._adjust_assistant_masks_indices` reads to shift chat-template character offsets)."""
+    pieces, records, last, gained = [], [], 0, 0
+    for start, end, kind, replacement in replacements:
+        pieces += [text[last:start], replacement]
+        new_start = start + gained
+        records.append({"type": kind, "span": (start, end), "new_span": (new_start, new_start + len(replacement)),
+                        "text": text[start:end], "replacement": replacement})
+        gained += len(replacement) - (end - start)
+        last = end
+    pieces.append(text[last:])
+    return "".join(pieces), records
 
 
 class UniF2aceProcessorKwargs(ProcessingKwargs, total=False):
@@ -83,7 +100,13 @@ class UniF2aceProcessor(ProcessorMixin):
         mode: Literal["mmu", "t2i"] | None = None,
         **kwargs: Unpack[UniF2aceProcessorKwargs],
     ) -> BatchFeature:
-        """Returns `input_ids`, `attention_mask` (B, T) and, with images, `pixel_values` (+ encoder views)."""
+        """Returns `input_ids`, `attention_mask` (B, T) and, with images, `pixel_values` (+ encoder views).
+
+        With `return_offsets_mapping=True` the tokenizer's `offset_mapping` (character spans in the *expanded* sequence)
+        is returned too, and with `return_text_replacement_offsets=True` the `text_replacement_offsets`: per row, each
+        insertion into the given text (task token, `<image>` expansion, BOS / EOS framing) as
+        `{"type", "span", "new_span", "text", "replacement"}` in transformers' format. Together they let
+        `apply_chat_template(..., return_assistant_tokens_mask=True)` place the assistant masks."""
         mode = mode or kwargs.pop("mode", None) or ("mmu" if images is not None else "t2i")
         if mode not in TASKS:
             raise ValueError(f"mode must be one of {TASKS}, got {mode!r}")
@@ -96,8 +119,12 @@ class UniF2aceProcessor(ProcessorMixin):
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None) or images_kwargs.pop("return_tensors", None)
         images_kwargs.pop("return_tensors", None)
+        return_replacements = text_kwargs.pop("return_text_replacement_offsets", None)
+        if return_replacements is None:
+            return_replacements = merged.get("return_text_replacement_offsets", False)
 
-        sequences = [self._mmu_text(t) if mode == "mmu" else self._t2i_text(t) for t in texts]
+        expanded = [self._mmu_text(t) if mode == "mmu" else self._t2i_text(t) for t in texts]
+        sequences = [sequence for sequence, _ in expanded]
         data = {}
         if images is not None:
             image_inputs = self.image_processor(images, return_tensors=return_tensors, **images_kwargs)
@@ -115,19 +142,25 @@ class UniF2aceProcessor(ProcessorMixin):
         self._check_structure(encoded["input_ids"], [s.count("<|soi|>") for s in sequences], mode)
         self._check_length(encoded["input_ids"])
         data.update(encoded)
-        return BatchFeature(data, tensor_type=return_tensors)
+        if return_replacements:
+            data["text_replacement_offsets"] = [replacements for _, replacements in expanded]
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
-    def _mmu_text(self, text: str) -> str:
-        if IMAGE_MARKER not in text:
-            text = IMAGE_MARKER + text
-        body = text.replace(IMAGE_MARKER, self.image_span + self.tokenizer.bos_token)
-        return "<|mmu|>" + body
+    def _mmu_text(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """`<|mmu|>` + text with each `<image>` -> image span + BOS (an image first if there is no marker), and the
+        replacements made (see `_expand`)."""
+        image = self.image_span + self.tokenizer.bos_token
+        insertions = [(0, 0, "task", "<|mmu|>" + ("" if IMAGE_MARKER in text else image))]
+        insertions += [(m.start(), m.end(), "image", image) for m in re.finditer(re.escape(IMAGE_MARKER), text)]
+        return _expand(text, insertions)
 
-    def _t2i_text(self, prompt: str) -> str:
+    def _t2i_text(self, prompt: str) -> tuple[str, list[dict[str, Any]]]:
+        """`<|t2i|> BOS prompt EOS <|soi|> [MASK]×N <|eoi|>` and the replacements made (see `_expand`)."""
         if IMAGE_MARKER in prompt:
             raise ValueError(f"T2I prompts cannot contain {IMAGE_MARKER}: the image is what gets generated")
         bos, eos = self.tokenizer.bos_token, self.tokenizer.eos_token
-        return f"<|t2i|>{bos}{prompt}{eos}{self.image_span}"
+        end = len(prompt)
+        return _expand(prompt, [(0, 0, "task", f"<|t2i|>{bos}"), (end, end, "image", f"{eos}{self.image_span}")])
 
     def _check_structure(self, input_ids, images_per_row: list[int], mode: str) -> None:
         """Text that spells reserved tokens ([MASK], <|soi|>, <|eoi|>, task tokens) would corrupt the image spans or

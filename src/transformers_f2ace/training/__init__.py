@@ -6,7 +6,12 @@ Exports load lazily, so that importing one utility does not import `transformers
 import importlib
 
 
-_EXPORTS = {"UniF2aceDataCollator": ".collator", "UniF2aceTrainer": ".trainer"}
+_EXPORTS = {
+    "UniF2aceDataCollator": ".collator",
+    "StepSeededCollator": ".collator",
+    "UniF2aceTrainer": ".trainer",
+    "StepSeedCallback": ".trainer",
+}
 
 
 def __getattr__(name: str):

@@ -23,9 +23,11 @@ Randomness, in this order per batch: the T2I mask times `t` (B_t2i,), the mask s
 
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -330,3 +332,55 @@ def _parse_turn(turn: Any) -> tuple[str, list[dict[str, str]]]:
             raise ValueError(f"content parts must be {{'type': 'text', 'text'}} or {{'type': 'image'}}, got {part!r}")
         parts.append({"type": "text", "text": part["text"]} if is_text else {"type": "image"})
     return role, parts
+
+
+class StepSeededCollator:
+    r"""
+    Wraps a [`UniF2aceDataCollator`] so that the T2I masks (and the condition dropout) of every micro-batch come from a
+    generator seeded with `(seed, stream, index)`: for training batches, `index` is the micro-batch's position in the
+    whole run across processes, `(batches this process consumed before the current pass + position in the pass) ·
+    num_processes + process_index`; evaluation batches ([`evaluating`]) have their own stream, restarted at every
+    evaluation.
+
+    The masks then depend only on the step, not on what a stateful generator drew before. That makes resuming from a
+    checkpoint exact (the Trainer skips the trained batches without collating them, so a running stream would continue
+    from the wrong place; its prefetching and the evaluations would also move the stream), gives every process its
+    own masks (a shared `seed` would draw the same masks on every rank), and makes N processes × batch B draw exactly
+    what 1 process × batch B × N accumulation steps draws. DataLoader workers are accounted for (batch i of a pass
+    goes to worker i mod W). [`StepSeedCallback`] sets the offsets at every epoch start.
+    """
+
+    TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+    def __init__(self, collator: UniF2aceDataCollator, seed: int):
+        self.collator = collator
+        self.seed = seed
+        self.start, self.process_index, self.num_processes = 0, 0, 1
+        self._count = {self.TRAIN_STREAM: 0, self.EVAL_STREAM: 0}
+        self._stream = self.TRAIN_STREAM
+
+    def reset(self, start: int, process_index: int, num_processes: int) -> None:
+        """A new pass over the training data begins at this process's micro-batch number `start`."""
+        self.start, self.process_index, self.num_processes = start, process_index, num_processes
+        self._count[self.TRAIN_STREAM] = 0
+
+    @contextmanager
+    def evaluating(self):
+        """Batches collated inside come from the evaluation stream (from its start), leaving training's untouched."""
+        self._stream, self._count[self.EVAL_STREAM] = self.EVAL_STREAM, 0
+        try:
+            yield
+        finally:
+            self._stream = self.TRAIN_STREAM
+
+    def __call__(self, records):
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        stream = self._stream
+        start = self.start if stream == self.TRAIN_STREAM else 0
+        position = start + worker_id + self._count[stream] * num_workers
+        self._count[stream] += 1
+        index = position * self.num_processes + self.process_index
+        state = np.random.SeedSequence([self.seed, stream, index]).generate_state(1, dtype=np.uint64)[0]
+        self.collator.generator = torch.Generator().manual_seed(int(state))
+        return self.collator(records)

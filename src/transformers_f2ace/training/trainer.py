@@ -15,17 +15,19 @@ not re-normalised by the token count of the whole accumulated batch (`num_items_
 mix two normalisations in one sum.
 """
 
+import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import nested_detach
 from transformers.trainer_utils import EvalLoopOutput
 from transformers.utils import logging
 
 from ..processing_unif2ace import UniF2aceProcessor
-from .collator import UniF2aceDataCollator
+from .collator import StepSeededCollator, UniF2aceDataCollator
 
 
 logger = logging.get_logger(__name__)
@@ -37,20 +39,30 @@ class UniF2aceTrainer(Trainer):
     r"""
     [`~transformers.Trainer`] for [`UniF2aceForConditionalGeneration`] on mixed understanding + generation data.
 
-    Takes the same arguments as `Trainer`. With `data_collator=None` and a [`UniF2aceProcessor`] as
-    `processing_class`, the collator is `UniF2aceDataCollator.from_config(processing_class, model.config,
-    seed=args.data_seed or args.seed)`. `args.remove_unused_columns` is set to False (the collator needs the raw
-    record columns).
+    Takes the same arguments as `Trainer`, plus `balance_loss` (`bool`, *optional*): ask the model for its router
+    logits so that the MoE balance loss joins the loss (default: `config.output_router_logits`).
+
+    With `data_collator=None` and a [`UniF2aceProcessor`] as `processing_class`, the collator is
+    `UniF2aceDataCollator.from_config(processing_class, model.config)`. A `UniF2aceDataCollator` is wrapped in a
+    [`StepSeededCollator`] (seed `args.data_seed or args.seed`) and kept in step by a [`StepSeedCallback`], so that
+    the masks of every micro-batch depend only on its position in the run: resuming from a checkpoint continues with
+    exactly the masks (and losses) of an uninterrupted run, and N processes draw what N accumulation steps would.
+    `args.remove_unused_columns` is set to False (the collator needs the raw record columns).
     """
 
     loss_is_scaled_for_ga = False
 
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, **kwargs):
+                 processing_class=None, balance_loss: bool | None = None, **kwargs):
         if data_collator is None and isinstance(processing_class, UniF2aceProcessor) and model is not None:
-            seed = None if args is None else (args.data_seed if args.data_seed is not None else args.seed)
-            data_collator = UniF2aceDataCollator.from_config(processing_class, model.config, seed=seed)
+            data_collator = UniF2aceDataCollator.from_config(processing_class, model.config)
+        if isinstance(data_collator, UniF2aceDataCollator):
+            seed = 42 if args is None else (args.data_seed if args.data_seed is not None else args.seed)
+            data_collator = StepSeededCollator(data_collator, seed=seed)
+        if isinstance(data_collator, StepSeededCollator):
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), StepSeedCallback(data_collator)]
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+        self.balance_loss = balance_loss
         if self.args.remove_unused_columns:
             logger.info("UniF2aceTrainer sets remove_unused_columns=False: the collator reads the raw record columns")
             self.args.remove_unused_columns = False
@@ -71,6 +83,8 @@ class UniF2aceTrainer(Trainer):
     ):
         """`outputs.loss` of the model (text CE + D3Diff + λ · balance), a mean over this micro-batch
         (`num_items_in_batch` is ignored, see the module docstring); records the separate terms for logging."""
+        if self.balance_loss is not None:
+            inputs = {**inputs, "output_router_logits": self.balance_loss}
         outputs = model(**inputs)
         if outputs.loss is None:
             raise ValueError(
@@ -109,7 +123,9 @@ class UniF2aceTrainer(Trainer):
     ) -> EvalLoopOutput:
         """The Trainer's loop, plus `{metric_key_prefix}_text_loss`, ... in the metrics."""
         self._loss_terms["eval"] = self._empty_terms()
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        with getattr(self.data_collator, "evaluating", nullcontext)():
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
         output.metrics.update(self._pop_loss_terms("eval", prefix=f"{metric_key_prefix}_"))
         return output
 
@@ -132,4 +148,25 @@ class UniF2aceTrainer(Trainer):
         return loss, logits, inputs.get("labels")
 
 
-__all__ = ["UniF2aceTrainer"]
+class StepSeedCallback(TrainerCallback):
+    """At each epoch start, tells the [`StepSeededCollator`] how many micro-batches this process consumed before (the
+    Trainer's own resume arithmetic: whole epochs plus the optimizer steps of the current one × accumulation)."""
+
+    def __init__(self, collator: StepSeededCollator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        accumulation = args.gradient_accumulation_steps
+        try:
+            batches = len(train_dataloader)
+        except TypeError:  # an iterable dataset: one endless pass (the Trainer counts max_steps updates per "epoch")
+            batches = None
+        if batches is None:
+            consumed = state.global_step * accumulation
+        else:
+            epochs, updates = divmod(state.global_step, max(math.ceil(batches / accumulation), 1))
+            consumed = epochs * batches + (0 if args.ignore_data_skip else updates * accumulation)
+        self.collator.reset(consumed, args.process_index, args.world_size)
+
+
+__all__ = ["UniF2aceTrainer", "StepSeedCallback"]
