@@ -100,3 +100,11 @@ def test_frozen_vq_gets_no_gradient_and_stays_in_eval(tiny_processor):
     model(**inputs, labels=labels).loss.backward()
     assert all(p.grad is None for p in model.model.vq.parameters())
     assert model.lm_head.weight.grad is not None
+
+
+def test_mixed_text_only_and_image_rows_generate(tiny_model, tiny_processor):
+    inputs = tiny_processor(images=[[], [face()]], text=["what is a fringe?", "describe"], return_tensors="pt")
+    out = tiny_model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    single = tiny_processor(images=face(), text="describe", return_tensors="pt")
+    alone = tiny_model.generate(**single, max_new_tokens=3, do_sample=False)
+    assert out[1, -3:].tolist() == alone[0, -3:].tolist()

@@ -89,8 +89,10 @@ def test_save_load_through_auto_processor(tmp_path, tiny_processor):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(text="describe", mode="mmu"), "needs images"),
-        (dict(images=[face(), face()], text="describe"), "2 images for 1 image placeholders"),
+        (dict(images=[face(), face(), face()], text=["a", "b"]), "Got 3 images"),
+        (dict(images=[face(), face()], text="a <image> face"), "1 <image> markers but 2 images"),
+        (dict(images=[[face()], []], text=["a", "b"], mode="t2i"), "one target image per prompt"),
+        (dict(), "Pass `text`"),
         (dict(text="hi", mode="video"), "mode must be one of"),
         (dict(text="a <image> face", mode="t2i"), "cannot contain <image>"),
         (dict(images=Image.new("RGB", (0, 5)), text="x"), "zero"),
@@ -143,3 +145,28 @@ def test_processor_property_well_formed_or_value_error(tiny_processor, tiny_conf
         pixels = out["pixel_values"]
         assert pixels.shape == (1, 3, tiny_config.vq_config.resolution, tiny_config.vq_config.resolution)
         assert float(pixels.min()) >= -1.0 and float(pixels.max()) <= 1.0
+
+
+def test_text_only_and_mixed_understanding_rows(tiny_processor, tiny_config):
+    c = tiny_config
+    out = tiny_processor(images=[[], [face()]], text=["hello there", "describe"], return_tensors="pt")
+    assert out["pixel_values"].shape[0] == 1
+    ids = out["input_ids"]
+    assert int((ids[0] == c.soi_token_id).sum()) == 0 and int((ids[1] == c.soi_token_id).sum()) == 1
+    first = ids[0][out["attention_mask"][0].bool()].tolist()
+    assert first[:2] == [c.mmu_token_id, c.bos_token_id]
+
+
+def test_text_only_chat_is_an_understanding_sequence(tiny_processor, tiny_config):
+    messages = [{"role": "user", "content": "What is a fringe?"}]
+    encoded = tiny_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True, return_tensors="pt")
+    ids = encoded["input_ids"][0].tolist()
+    assert ids[0] == tiny_config.mmu_token_id and tiny_config.t2i_token_id not in ids
+    assert tiny_config.soi_token_id not in ids
+
+
+def test_several_images_in_one_understanding_text(tiny_processor, tiny_config):
+    out = tiny_processor(images=[face(), face((10, 20, 30))], text="compare <image> and <image>", return_tensors="pt")
+    assert out["pixel_values"].shape[0] == 2
+    assert int((out["input_ids"] == tiny_config.soi_token_id).sum()) == 2

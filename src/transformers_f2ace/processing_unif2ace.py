@@ -38,6 +38,29 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+def _images_per_row(images: Any, num_texts: int, mode: str) -> list[list[Any]]:
+    """The images of each text row. Accepted: None; one image (one text); a flat list (one image per text, or all for
+    a single understanding text); a nested list with one (possibly empty) list per text."""
+    if images is None:
+        return [[] for _ in range(num_texts)]
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if images and all(isinstance(row, (list, tuple)) for row in images):
+        rows = [list(row) for row in images]
+    elif mode == "mmu" and num_texts == 1:
+        rows = [list(images)]
+    else:
+        rows = [[image] for image in images]
+    if len(rows) != num_texts:
+        raise ValueError(
+            f"Got {len(rows)} images (or image lists) for {num_texts} texts: pass one image per text, a list of "
+            "images for a single text, or one list of images per text"
+        )
+    if mode == "t2i" and {len(row) for row in rows} != {1}:
+        raise ValueError("mode='t2i' takes one target image per prompt (training), or none at all (generation)")
+    return rows
+
+
 def _expand(text: str, replacements: list[tuple[int, int, str, str]]) -> tuple[str, list[dict[str, Any]]]:
     """Apply `(start, end, type, replacement)` edits (sorted, non-overlapping; `start == end` inserts) to `text`.
     Returns the new text and, per edit, transformers' replacement record: `span` in `text`, `new_span` in the result
@@ -56,11 +79,9 @@ def _expand(text: str, replacements: list[tuple[int, int, str, str]]) -> tuple[s
 
 class UniF2aceProcessorKwargs(ProcessingKwargs, total=False):
     r"""
-    mode (`"mmu" | "t2i"`, *optional*): understanding (images + questions) or generation (prompts). Default: `"mmu"`
-        when images are given, else `"t2i"`. In `"t2i"` mode, images are optional *targets* (for training).
+    Processor defaults: left padding, no tokenizer special tokens (the processor frames the sequences itself).
     """
 
-    mode: str
     _defaults = {
         "text_kwargs": {"padding": True, "padding_side": "left", "add_special_tokens": False},
         "images_kwargs": {},
@@ -102,12 +123,19 @@ class UniF2aceProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Returns `input_ids`, `attention_mask` (B, T) and, with images, `pixel_values` (+ encoder views).
 
+        `mode`: `"mmu"` (understanding: images + questions; the default when images are given) or `"t2i"` (generation
+        prompts; the default for text alone; images, one per prompt, are training targets). `images`: one image, a
+        list (one per text, or all of them for a single understanding text) or one list per text (empty for a
+        text-only understanding row).
+
         With `return_offsets_mapping=True` the tokenizer's `offset_mapping` (character spans in the *expanded* sequence)
         is returned too, and with `return_text_replacement_offsets=True` the `text_replacement_offsets`: per row, each
         insertion into the given text (task token, `<image>` expansion, BOS / EOS framing) as
         `{"type", "span", "new_span", "text", "replacement"}` in transformers' format. Together they let
         `apply_chat_template(..., return_assistant_tokens_mask=True)` place the assistant masks."""
-        mode = mode or kwargs.pop("mode", None) or ("mmu" if images is not None else "t2i")
+        if images is None and text is None:
+            raise ValueError("Pass `text` (prompts or questions), `images`, or both")
+        mode = mode or ("mmu" if images is not None else "t2i")
         if mode not in TASKS:
             raise ValueError(f"mode must be one of {TASKS}, got {mode!r}")
         if text is None:
@@ -115,6 +143,7 @@ class UniF2aceProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in texts):
             raise ValueError("text must be a string or a list of strings")
+        rows_images = _images_per_row(images, len(texts), mode)
         merged = self._merge_kwargs(UniF2aceProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None) or images_kwargs.pop("return_tensors", None)
@@ -123,20 +152,15 @@ class UniF2aceProcessor(ProcessorMixin):
         if return_replacements is None:
             return_replacements = merged.get("return_text_replacement_offsets", False)
 
-        expanded = [self._mmu_text(t) if mode == "mmu" else self._t2i_text(t) for t in texts]
+        counts = [len(row) for row in rows_images]
+        expanded = [
+            self._mmu_text(t, n) if mode == "mmu" else self._t2i_text(t) for t, n in zip(texts, counts)
+        ]
         sequences = [sequence for sequence, _ in expanded]
         data = {}
-        if images is not None:
-            image_inputs = self.image_processor(images, return_tensors=return_tensors, **images_kwargs)
-            expected = sum(s.count("<|soi|>") for s in sequences)
-            if len(image_inputs["pixel_values"]) != expected:
-                raise ValueError(
-                    f"Got {len(image_inputs['pixel_values'])} images for {expected} image placeholders "
-                    f"({'one per text without <image>, else one per <image> marker' if mode == 'mmu' else 'one per prompt'})"
-                )
-            data.update(image_inputs)
-        elif mode == "mmu":
-            raise ValueError("mode='mmu' needs images (understanding answers questions about a face)")
+        flat_images = [image for row in rows_images for image in row]
+        if flat_images:
+            data.update(self.image_processor(flat_images, return_tensors=return_tensors, **images_kwargs))
 
         encoded = self.tokenizer(sequences, return_tensors=return_tensors, **text_kwargs)
         self._check_structure(encoded["input_ids"], [s.count("<|soi|>") for s in sequences], mode)
@@ -146,13 +170,17 @@ class UniF2aceProcessor(ProcessorMixin):
             data["text_replacement_offsets"] = [replacements for _, replacements in expanded]
         return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
-    def _mmu_text(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """`<|mmu|>` + text with each `<image>` -> image span + BOS (an image first if there is no marker), and the
-        replacements made (see `_expand`)."""
+    def _mmu_text(self, text: str, num_images: int) -> tuple[str, list[dict[str, Any]]]:
+        """`<|mmu|>` + text with each `<image>` -> image span + BOS (without markers, the row's images come first;
+        a text-only row gets `<|mmu|> BOS text`), and the replacements made (see `_expand`)."""
         image = self.image_span + self.tokenizer.bos_token
-        insertions = [(0, 0, "task", "<|mmu|>" + ("" if IMAGE_MARKER in text else image))]
-        insertions += [(m.start(), m.end(), "image", image) for m in re.finditer(re.escape(IMAGE_MARKER), text)]
-        return _expand(text, insertions)
+        markers = [(m.start(), m.end(), "image", image) for m in re.finditer(re.escape(IMAGE_MARKER), text)]
+        if markers and len(markers) != num_images:
+            raise ValueError(
+                f"A text has {len(markers)} {IMAGE_MARKER} markers but {num_images} images were given for it"
+            )
+        prefix = "" if markers else (image * num_images or self.tokenizer.bos_token)
+        return _expand(text, [(0, 0, "task", "<|mmu|>" + prefix), *markers])
 
     def _t2i_text(self, prompt: str) -> tuple[str, list[dict[str, Any]]]:
         """`<|t2i|> BOS prompt EOS <|soi|> [MASK]×N <|eoi|>` and the replacements made (see `_expand`)."""
@@ -189,6 +217,11 @@ class UniF2aceProcessor(ProcessorMixin):
                 f"A sequence has {longest} tokens ({self.num_image_tokens} per image included) but the model takes at "
                 f"most {limit}; shorten the text."
             )
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """Chats are understanding (MMU) sequences, with or without images; see `ProcessorMixin.apply_chat_template`."""
+        kwargs.setdefault("mode", "mmu")
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
 
     def batch_decode(self, *args, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
