@@ -320,6 +320,18 @@ class UniF2aceConfig(PreTrainedConfig):
         text.vocab_size = self.vocab_size
         text.bos_token_id, text.eos_token_id, text.pad_token_id = self.bos_token_id, self.eos_token_id, self.pad_token_id
 
+    @property
+    def _experts_implementation(self) -> str | None:
+        return self._experts_implementation_internal
+
+    @_experts_implementation.setter
+    def _experts_implementation(self, value: str | dict | None) -> None:
+        """Kept on this config only: the sub-models built from the sub-configs (VQ, CLIP, IResNet) have no experts,
+        and transformers refuses an explicit experts implementation for them."""
+        if isinstance(value, dict):
+            value = value.get("", getattr(self, "_experts_implementation_internal", None))
+        self._experts_implementation_internal = value
+
     # ----- the unified vocabulary (derived, never stored twice) -----
     @property
     def image_token_offset(self) -> int:

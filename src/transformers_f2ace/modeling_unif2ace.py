@@ -40,6 +40,7 @@ from .modeling_unif2ace_encoders import (
 from .image_processing_unif2ace import UniF2aceImageProcessor
 from .loss_d3diff import D3DiffLoss, D3DiffOutput
 from .modeling_unif2ace_vq import UniF2aceVQModel
+from .moe_dispatch import FUSED_EXPERTS_IMPLEMENTATION  # registers experts_implementation="unif2ace_fused"
 from .scheduling_maskgit import MASKED, MaskGITScheduler
 
 
@@ -202,7 +203,8 @@ class UniF2aceExperts(nn.Module):
     """`num_experts` Phi-MLP experts as fused 3-D parameters in transformers' layout: `up_proj` (E, I, H),
     `down_proj` (E, H, I) with biases. Both task groups' experts live in one tensor (group g owns rows
     [g*E_g, (g+1)*E_g)), so a mixed MMU + T2I batch is one dispatch. This `forward` is the *eager reference*
-    (a loop over the experts that received tokens); `config._experts_implementation` selects faster paths."""
+    (a loop over the experts that received tokens); `config._experts_implementation` selects faster paths (default
+    `unif2ace_fused`, see moe_dispatch.py; also transformers' grouped_mm / batched_mm)."""
 
     def __init__(self, config: UniF2aceConfig, num_experts: int, intermediate_size: int):
         super().__init__()
@@ -396,6 +398,11 @@ class UniF2acePreTrainedModel(PreTrainedModel):
         if strict:
             _raise_on_incompatible_checkpoint(cls.__name__, info)
         return (model, info) if return_info else model
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Unset: the fused dispatch of `moe_dispatch.py` (sort once, grouped GEMMs, scatter once); explicit requests
+        (eager, grouped_mm, batched_mm, ...) are honoured."""
+        return super().get_correct_experts_implementation(requested_experts or FUSED_EXPERTS_IMPLEMENTATION)
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs):
         """The unified vocabulary is derived from `text_vocab_size`, `special_tokens` and the VQ codebook (image codes
