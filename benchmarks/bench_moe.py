@@ -39,13 +39,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from transformers_f2ace import UniF2aceConfig
 from transformers_f2ace.modeling_unif2ace import UniF2aceSparseMoeBlock
 from transformers_f2ace.moe_dispatch import FUSED_EXPERTS_IMPLEMENTATION
-
 
 TRAINING_METHODS = {"naive loop": "eager", "tf grouped_mm": "grouped_mm", "ours": FUSED_EXPERTS_IMPLEMENTATION}
 DECODE_METHODS = {**TRAINING_METHODS, "tf batched_mm": "batched_mm"}
@@ -68,9 +66,9 @@ class Shape:
 
 def build_block(shape: Shape, dtype: torch.dtype) -> UniF2aceSparseMoeBlock:
     config = UniF2aceConfig.tiny(
-        text_config=dict(hidden_size=shape.hidden, intermediate_size=shape.hidden),
-        moe_config=dict(num_experts=shape.experts, num_experts_per_tok=shape.top_k,
-                        expert_intermediate_size=shape.width, shared_expert_intermediate_size=shape.shared),
+        text_config={"hidden_size": shape.hidden, "intermediate_size": shape.hidden},
+        moe_config={"num_experts": shape.experts, "num_experts_per_tok": shape.top_k,
+                    "expert_intermediate_size": shape.width, "shared_expert_intermediate_size": shape.shared},
     )
     block = UniF2aceSparseMoeBlock(config)
     with torch.no_grad():
@@ -204,10 +202,9 @@ def main() -> None:
         single = Case(mixed_shape, dtype, task_ids=[0, 0, 0, 0])
         mixed = Case(mixed_shape, dtype, task_ids=[0, 1, 0, 1])
         for name, implementation in (("ours", FUSED_EXPERTS_IMPLEMENTATION), ("tf grouped_mm", "grouped_mm")):
-            times = medians(
-                {"single": lambda: single.run(implementation, True), "mixed": lambda: mixed.run(implementation, True)},
-                repeats, clock,
-            )
+            calls = {label: lambda case=case, implementation=implementation: case.run(implementation, True)
+                     for label, case in (("single", single), ("mixed", mixed))}
+            times = medians(calls, repeats, clock)
             ratio = times["mixed"] / times["single"]
             label = f"{name} N={mixed_shape.tokens} H={mixed_shape.hidden} I={mixed_shape.width} {str(dtype)[6:]}"
             print(f"| {label} | {times['single'] * 1e3:.1f} | {times['mixed'] * 1e3:.1f} | {ratio:.3f} |", flush=True)

@@ -4,6 +4,7 @@ cases of routing, group isolation, the router and the load-balancing loss, and t
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import mmu_ids, t2i_ids
 from PIL import Image
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.gpt_oss.configuration_gpt_oss import GptOssConfig
@@ -13,13 +14,18 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from transformers.models.muse_spark.configuration_muse_spark import MuseSparkTextConfig
 from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
 
-from conftest import mmu_ids, t2i_ids
-from transformers_f2ace import UniF2aceConfig, UniF2aceForConditionalGeneration, expert_usage as usage_module
-from transformers_f2ace import moe_dispatch
+from transformers_f2ace import (
+    UniF2aceConfig,
+    UniF2aceForConditionalGeneration,
+    moe_dispatch,
+)
+from transformers_f2ace import expert_usage as usage_module
 from transformers_f2ace.expert_usage import expert_usage
-from transformers_f2ace.modeling_unif2ace import UniF2aceSparseMoeBlock, load_balancing_loss
+from transformers_f2ace.modeling_unif2ace import (
+    UniF2aceSparseMoeBlock,
+    load_balancing_loss,
+)
 from transformers_f2ace.moe_dispatch import FUSED_EXPERTS_IMPLEMENTATION
-
 
 MMU, T2I = 0, 1
 E, K = 4, 2  # tiny preset: 4 routed experts per group, top-2
@@ -82,7 +88,7 @@ def padded_batch(config, sequences: list[torch.Tensor]) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 def test_fused_path_is_registered_and_selectable_on_the_model():
     assert ALL_EXPERTS_FUNCTIONS[FUSED_EXPERTS_IMPLEMENTATION] is moe_dispatch.fused_experts_forward
-    config = UniF2aceConfig.tiny(moe_config=dict(sequence_moe=False))
+    config = UniF2aceConfig.tiny(moe_config={"sequence_moe": False})
     torch.manual_seed(0)
     model = UniF2aceForConditionalGeneration(config).eval()
     batch = padded_batch(config, [mmu_ids(config, [5, 6, 7]), t2i_ids(config, [8, 9])])
@@ -244,7 +250,7 @@ def test_every_token_on_one_expert(implementation):
 
 
 def test_padding_positions_do_not_change_other_tokens_and_all_paths_agree_on_a_padded_model_batch():
-    config = UniF2aceConfig.tiny(moe_config=dict(sequence_moe=False))
+    config = UniF2aceConfig.tiny(moe_config={"sequence_moe": False})
     torch.manual_seed(0)
     model = UniF2aceForConditionalGeneration(config).eval()
     mmu, t2i = mmu_ids(config, [5, 6, 7, 8]), t2i_ids(config, [9, 10])

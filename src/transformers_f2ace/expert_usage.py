@@ -14,7 +14,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from transformers import PreTrainedModel
 
-
 GROUP_NAMES = ("MMU", "T2I")  # task group g = task id (0: understanding, 1: generation)
 # heatmap layout in pixels: row labels on the left, column labels on top, one gap column between the two MoE levels
 LABEL_WIDTH, HEADER_HEIGHT = 72, 28
@@ -186,4 +185,4 @@ def expert_usage(model: PreTrainedModel, batches: Iterable[Mapping], max_batches
     )
 
 
-__all__ = ["ExpertUsage", "expert_usage", "GROUP_NAMES"]
+__all__ = ["GROUP_NAMES", "ExpertUsage", "expert_usage"]

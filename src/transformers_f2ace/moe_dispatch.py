@@ -21,6 +21,7 @@ transformers' `grouped_mm` path, measured on CPU (benchmarks/bench_moe.py):
 Shapes: N tokens, H hidden size, k assignments per token, E experts, A = N·k assignments.
 """
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -29,7 +30,6 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.utils import is_torchdynamo_compiling
 from transformers.utils.import_utils import is_torch_greater_or_equal
-
 
 FUSED_EXPERTS_IMPLEMENTATION = "unif2ace_fused"
 # The CPU grouped GEMM exists from torch 2.9 and needs 16-byte aligned data pointers up to 2.10.
@@ -131,7 +131,7 @@ def grouped_linear(
         )
     starts = [0, *routing.offsets.tolist()]  # one host sync, then one product per visited expert's slice
     outputs = []
-    for expert, (start, end) in enumerate(zip(starts, starts[1:]), start=routing.first_expert):
+    for expert, (start, end) in enumerate(itertools.pairwise(starts), start=routing.first_expert):
         expert_bias = bias[expert] if bias is not None else None
         if transposed:
             product = inputs[start:end] @ weight[expert]
