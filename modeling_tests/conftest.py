@@ -1,6 +1,7 @@
 """Shared fixtures: tiny UniF²ace configs/models and helpers that build well-formed unified-vocabulary inputs."""
 
 import os
+import textwrap
 
 import pytest
 import torch
@@ -13,6 +14,21 @@ from transformers_f2ace import UniF2aceConfig, UniF2aceForConditionalGeneration 
 
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Prepended to scripts run in a subprocess that must behave as if transformers_f2ace were not installed.
+BLOCK_PACKAGE = textwrap.dedent(
+    """
+    import sys, importlib.abc
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "transformers_f2ace":
+                raise ImportError("transformers_f2ace is blocked in this interpreter")
+
+    sys.meta_path.insert(0, Block())
+    sys.path = [p for p in sys.path if not p.rstrip("/").endswith("src")]
+    """
+)
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ HF_HOME and HF_HUB_DISABLE_XET when it is imported: most checks run in one long-
 (`HubClient`), the rest (no package installed, offline mode, the CLI) in their own interpreters.
 """
 
+import hashlib
+import inspect
 import json
 import re
 import shutil
@@ -19,7 +21,7 @@ import torch
 from huggingface_hub import EvalResult
 from PIL import Image
 
-from conftest import CORPUS
+from conftest import BLOCK_PACKAGE, CORPUS
 from hub_server import HubClient, HubServer, hub_env, validate_card_metadata
 from transformers_f2ace import (
     UniF2aceConfig,
@@ -38,21 +40,17 @@ CARD_ARGS = dict(base_model="org/unif2ace-base", datasets=["org/synthface"],
                  eval_results=[EvalResult(task_type="visual-question-answering", dataset_type="org/synthface",
                                           dataset_name="SynthFace", metric_type="accuracy", metric_value=0.75)])
 
-WEIGHTS_DIGEST = textwrap.dedent(
-    """
-    import hashlib
+def weights_digest(model) -> str:
+    """sha256 over every (key, bytes) of the state dict: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
-    import torch
 
-    def weights_digest(model) -> str:
-        digest = hashlib.sha256()
-        for key, value in sorted(model.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
-    """
-)
-exec(WEIGHTS_DIGEST)  # defines weights_digest here, as in the client processes
+# the client processes get the same function, from its source
+WEIGHTS_DIGEST = "import hashlib\n\nimport torch\n\n\n" + inspect.getsource(weights_digest)
 
 CLIENT_PREAMBLE = WEIGHTS_DIGEST + textwrap.dedent(
     """
@@ -72,22 +70,6 @@ CLIENT_PREAMBLE = WEIGHTS_DIGEST + textwrap.dedent(
         return processor(text=[args_prompt], mode="t2i", return_tensors="pt")["input_ids"].tolist()
     """
 ).replace("args_prompt", repr(PROMPT))
-
-# The meta-path blocker of test_save_load.py: this interpreter cannot import transformers_f2ace.
-BLOCK_PACKAGE = textwrap.dedent(
-    """
-    import sys, importlib.abc
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "transformers_f2ace":
-                raise ImportError("transformers_f2ace is blocked in this interpreter")
-
-    sys.meta_path.insert(0, Block())
-    sys.path = [p for p in sys.path if not p.rstrip("/").endswith("src")]
-    """
-)
-
 
 class Accounts:
     """The server's users: `tester` (member of `org`) with a write token, a read-only token and a revoked one, and

@@ -15,7 +15,7 @@ from transformers import (
     AutoModelForMultimodalLM,
 )
 
-from conftest import mmu_ids
+from conftest import BLOCK_PACKAGE, mmu_ids
 from transformers_f2ace import UniF2aceConfig, UniF2aceForConditionalGeneration, UniF2aceModel
 
 
@@ -98,17 +98,8 @@ def test_saved_folder_carries_the_model_code_and_full_auto_map(tmp_path, tiny_mo
         assert "transformers_f2ace" not in source.read_text(), f"{source.name} must only use relative imports"
 
 
-REMOTE_CODE_SCRIPT = textwrap.dedent(
+REMOTE_CODE_SCRIPT = BLOCK_PACKAGE + textwrap.dedent(
     """
-    import sys, importlib.abc
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "transformers_f2ace":
-                raise ImportError("transformers_f2ace is blocked in this interpreter")
-
-    sys.meta_path.insert(0, Block())
-    sys.path = [p for p in sys.path if not p.rstrip("/").endswith("src")]
     import torch
     from transformers import AutoModelForImageTextToText
     folder, ids_file, out_file = sys.argv[1:4]
