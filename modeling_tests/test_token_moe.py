@@ -454,3 +454,26 @@ def test_expert_usage_table_and_heatmap(tmp_path):
         shade = int(255 * (1 - share))
         pixel = image.convert("RGB").getpixel((usage_module.LABEL_WIDTH + 1, usage_module.HEADER_HEIGHT + 1))
         assert pixel == (shade, shade, 255)  # cell colour encodes the share of layer 0 / MMU / e0
+
+
+def test_router_z_loss_is_added_and_equals_a_hand_computation():
+    import math
+
+    from transformers_f2ace.modeling_unif2ace import router_z_loss
+
+    # two tokens, experts of the other group at -inf: logsumexp over the group's two logits
+    logits = torch.tensor([[0.0, math.log(3.0), float("-inf"), float("-inf")],
+                           [float("-inf"), float("-inf"), 1.0, 1.0]])
+    expected = (math.log(4.0) ** 2 + (1.0 + math.log(2.0)) ** 2) / 2
+    assert abs(router_z_loss((logits,)).item() - expected) < 1e-6
+    assert abs(router_z_loss((logits, logits)).item() - 2 * expected) < 1e-6
+    assert abs(router_z_loss((logits,), torch.tensor([True, False])).item() - math.log(4.0) ** 2) < 1e-6
+
+    config = UniF2aceConfig.tiny(moe_config=dict(router_z_loss_coef=0.001))
+    model = UniF2aceForConditionalGeneration(config).eval()
+    ids = torch.tensor([[config.mmu_token_id, config.bos_token_id, 5, 6, 7]])
+    out = model(ids, labels=ids, output_router_logits=True)
+    assert out.z_loss is not None and out.z_loss > 0
+    torch.testing.assert_close(
+        out.loss, out.text_loss + config.router_aux_loss_coef * out.aux_loss + 0.001 * out.z_loss
+    )

@@ -96,7 +96,8 @@ class UniF2aceModelOutputWithPast(ModelOutput):
 @dataclass
 class UniF2aceCausalLMOutputWithPast(ModelOutput):
     """`loss` = text next-token CE + D3Diff (image_generation_mask given) + `router_aux_loss_coef` * `aux_loss`
-    (router logits returned); the parts are `text_loss`, `mask_loss` / `score_loss` (D3Diff) and `aux_loss`.
+    (+ `moe_config.router_z_loss_coef` * `z_loss`) when router logits are returned; the parts are `text_loss`,
+    `mask_loss` / `score_loss` (D3Diff), `aux_loss` and `z_loss`.
     `logits` (B, T, V); None when only the generation loss was asked for (full logits are never built then)."""
 
     loss: torch.FloatTensor | None = None
@@ -104,6 +105,7 @@ class UniF2aceCausalLMOutputWithPast(ModelOutput):
     mask_loss: torch.FloatTensor | None = None
     score_loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -730,6 +732,13 @@ def load_balancing_loss(
     return total
 
 
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_layers mean over non-pad tokens of logsumexp(router logits)² (ST-MoE's z-loss): keeps the router logits small.
+    Other groups' experts sit at -inf, so the logsumexp runs over the token's own group."""
+    keep = token_mask.reshape(-1) if token_mask is not None else slice(None)
+    return sum(logits[keep].float().logsumexp(-1).square().mean() for logits in router_logits)
+
+
 class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin):
     """UniF²ace with the LM head over the unified vocabulary: text generation (MMU) through `generate()`, image
     generation (T2I) through `generate(..., generation_mode="image")` / `generate_images()`, and the total training
@@ -842,17 +851,22 @@ class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin)
                 outputs.router_logits, outputs.task_ids.repeat_interleave(length), moe.num_experts,
                 moe.num_experts_per_tok, token_mask,
             )
+            if moe.router_z_loss_coef > 0:
+                losses["z_loss"] = router_z_loss(outputs.router_logits, token_mask)
         loss = None
         if "text_loss" in losses or "d3diff" in losses:
             loss = sum(losses[name] for name in ("text_loss", "d3diff") if name in losses)
             if "aux_loss" in losses:
                 loss = loss + self.config.router_aux_loss_coef * losses["aux_loss"].to(loss.device)
+            if "z_loss" in losses:
+                loss = loss + self.config.moe_config.router_z_loss_coef * losses["z_loss"].to(loss.device)
         return UniF2aceCausalLMOutputWithPast(
             loss=loss,
             text_loss=losses.get("text_loss"),
             mask_loss=losses.get("mask_loss"),
             score_loss=losses.get("score_loss"),
             aux_loss=losses.get("aux_loss"),
+            z_loss=losses.get("z_loss"),
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
@@ -1036,4 +1050,5 @@ __all__ = [
     "UniF2aceForConditionalGeneration",
     "image_block_ids",
     "load_balancing_loss",
+    "router_z_loss",
 ]

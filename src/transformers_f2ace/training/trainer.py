@@ -32,7 +32,7 @@ from .collator import StepSeededCollator, UniF2aceDataCollator
 
 logger = logging.get_logger(__name__)
 
-LOSS_TERMS = ("text_loss", "mask_loss", "score_loss", "aux_loss")
+LOSS_TERMS = ("text_loss", "mask_loss", "score_loss", "aux_loss", "z_loss")
 
 
 class UniF2aceTrainer(Trainer):
