@@ -1,4 +1,4 @@
-"""The `unif2ace` command line: demo | generate | describe | convert | push."""
+"""The `unif2ace` command line: demo | generate | describe | convert | push | train | eval."""
 
 import argparse
 import sys
@@ -97,6 +97,47 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .recipe import RecipeArguments, run_recipe
+
+    try:
+        recipe = RecipeArguments(
+            output_dir=args.output_dir, stage=args.stage, config=args.config, seed=args.seed, num_train=args.num_train,
+            vq_steps=args.vq_steps, vq_batch_size=args.vq_batch_size, vq_lr=args.vq_lr, model_steps=args.model_steps,
+            batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+            t2i_fraction=args.t2i_fraction, describe_fraction=args.describe_fraction, save_steps=args.save_steps,
+            logging_steps=args.logging_steps, resume=args.resume, progress=not args.no_progress,
+        )
+        result = run_recipe(recipe)
+    except ValueError as error:
+        raise SystemExit(f"unif2ace train: {error}")
+    if result.vq_dir is not None:
+        print(f"Image tokenizer: {result.vq_dir.resolve()}")
+    if result.final_dir is not None:
+        print(f"Model and processor ({result.global_step} steps): {result.final_dir.resolve()}")
+    print("Wall time: " + ", ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in result.seconds.items()))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .recipe import markdown_table, run_eval
+
+    try:
+        report = run_eval(args.model_dir, num=args.num, split=args.split, judge_dir=args.judge, steps=args.steps,
+                          seed=args.seed, max_new_tokens=args.max_new_tokens)
+    except ValueError as error:
+        raise SystemExit(f"unif2ace eval: {error}")
+    print(markdown_table(report))
+    if args.json:
+        output = Path(args.json)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2))
+        print(f"Wrote {output.resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unif2ace", description="UniF²ace: fine-grained face understanding and generation")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +197,54 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--base-model", help="Hub id of the base model, for the card (required for an adapter whose "
                                            "config names a local base)")
     push.set_defaults(run=_push)
+
+    from .recipe import RecipeArguments
+
+    defaults = RecipeArguments(output_dir="")  # the recipe's defaults, shown by --help
+    train = commands.add_parser(
+        "train", help="train the default model on SynthFace: the VQ tokenizer, then UniF²ace (MMU + T2I)",
+        description="Stage vq trains the image tokenizer (OUTPUT_DIR/vq); stage model trains UniF²ace on mixed "
+                    "caption -> face and face + question -> answer records, checkpointing to OUTPUT_DIR/checkpoints, "
+                    "and saves the model with its processor to OUTPUT_DIR/final.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("output_dir", help="the run folder")
+    train.add_argument("--stage", choices=("vq", "model", "all"), default=defaults.stage, help="which stages to run")
+    train.add_argument("--config", choices=("small", "tiny"), default=defaults.config,
+                       help="UniF2aceConfig preset (small: 64 px, 8x8 tokens, 1024 codes; tiny: for tests)")
+    train.add_argument("--num-train", type=int, default=defaults.num_train, help="SynthFace training faces")
+    train.add_argument("--vq-steps", type=int, default=defaults.vq_steps, help="tokenizer training steps")
+    train.add_argument("--vq-batch-size", type=int, default=defaults.vq_batch_size, help="images per tokenizer step")
+    train.add_argument("--vq-lr", type=float, default=defaults.vq_lr, help="tokenizer AdamW learning rate")
+    train.add_argument("--model-steps", type=int, default=defaults.model_steps, help="model optimizer steps")
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="records per model step")
+    train.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (cosine decay)")
+    train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warm-up steps")
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    train.add_argument("--t2i-fraction", type=float, default=defaults.t2i_fraction,
+                       help="share of generation records; the rest are understanding records")
+    train.add_argument("--describe-fraction", type=float, default=defaults.describe_fraction,
+                       help="share of understanding records that ask 'Describe the face.'")
+    train.add_argument("--save-steps", type=int, default=defaults.save_steps, help="checkpoint every N steps")
+    train.add_argument("--logging-steps", type=int, default=defaults.logging_steps, help="log losses every N steps")
+    train.add_argument("--seed", type=int, default=defaults.seed, help="dataset, initialisation and mask seed")
+    train.add_argument("--resume", action="store_true",
+                       help="keep a trained OUTPUT_DIR/vq and continue from the last checkpoint in OUTPUT_DIR/checkpoints")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="VQA accuracy per attribute, caption recall and (with --judge) generation metrics on SynthFace",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate.add_argument("model_dir", help="a checkpoint folder with its processor")
+    evaluate.add_argument("--num", type=int, default=50, help="held-out faces")
+    evaluate.add_argument("--split", choices=("train", "validation", "test"), default="test")
+    evaluate.add_argument("--json", help="also write the report as JSON to this file")
+    evaluate.add_argument("--judge", help="a FaceJudge folder (e.g. transformers_f2ace/pretrained/synthface-judge); "
+                                          "without it the generation metrics are skipped")
+    evaluate.add_argument("--steps", type=int, default=None, help="MaskGIT steps (default: the model config's)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=48, help="answer length bound")
+    evaluate.add_argument("--seed", type=int, default=0, help="dataset and sampling seed")
+    evaluate.set_defaults(run=_eval)
     return parser
 
 

@@ -1,0 +1,166 @@
+"""The training recipe (`unif2ace train`) and the evaluation (`unif2ace eval`) on the tiny preset, a few steps each."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from transformers_f2ace.cli import main
+from transformers_f2ace.data import make_example
+from transformers_f2ace.recipe import (
+    DESCRIBE_QUESTION,
+    RecipeArguments,
+    caption_mentions,
+    mixed_records,
+    normalise_answer,
+    run_recipe,
+)
+
+TINY_RUN = {"config": "tiny", "num_train": 16, "vq_steps": 2, "vq_batch_size": 8, "model_steps": 4, "batch_size": 4,
+            "save_steps": 2, "logging_steps": 1, "warmup_steps": 1, "progress": False}
+
+
+def step_losses(log_history: list[dict]) -> dict[int, float]:
+    return {entry["step"]: entry["loss"] for entry in log_history if "loss" in entry}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("recipe") / "run"
+    return output, run_recipe(RecipeArguments(output_dir=str(output), **TINY_RUN))
+
+
+def test_both_stages_run_and_final_folder_loads_through_auto_classes(tiny_run):
+    output, result = tiny_run
+    assert result.global_step == 4
+    assert sorted(step_losses(result.log_history)) == [1, 2, 3, 4]
+    assert all(math.isfinite(loss) for loss in step_losses(result.log_history).values())
+    assert sorted(p.name for p in (output / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    model = AutoModelForImageTextToText.from_pretrained(output / "final")
+    processor = AutoProcessor.from_pretrained(output / "final")
+    assert model.config.vq_config.resolution == 32
+    assert len(processor.tokenizer) == model.config.vocab_size
+    # the trained image tokenizer of stage 1 is the one inside the final model (frozen during stage 2)
+    vq_weights = load_file(output / "vq" / "model.safetensors")
+    for name, tensor in model.model.vq.state_dict().items():
+        torch.testing.assert_close(tensor, vq_weights[name], rtol=0, atol=0)
+
+
+def test_resume_continues_exactly_from_the_last_checkpoint(tiny_run, tmp_path):
+    output, result = tiny_run
+    resumed = tmp_path / "run"
+    shutil.copytree(output, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(resumed / "final")
+    vq_before = (resumed / "vq" / "model.safetensors").read_bytes()
+    # mark the checkpoint's logged loss of step 1: a resumed run keeps that history, a run from scratch would not
+    state_path = resumed / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    next(entry for entry in state["log_history"] if entry.get("step") == 1)["loss"] = 123.0
+    state_path.write_text(json.dumps(state))
+
+    again = run_recipe(RecipeArguments(output_dir=str(resumed), resume=True, **TINY_RUN))
+    assert again.global_step == 4
+    assert "vq" not in again.seconds  # the trained tokenizer is kept
+    assert (resumed / "vq" / "model.safetensors").read_bytes() == vq_before
+    resumed_losses, original = step_losses(again.log_history), step_losses(result.log_history)
+    assert sorted(resumed_losses) == [1, 2, 3, 4]
+    assert resumed_losses[1] == 123.0  # steps 1-2 come from the checkpoint's trainer state
+    for step in (3, 4):  # the resumed steps see the same batches and masks as the uninterrupted run
+        assert resumed_losses[step] == pytest.approx(original[step], rel=1e-4)
+    assert (resumed / "final" / "model.safetensors").is_file()
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_run, tmp_path):
+    output, _ = tiny_run
+    shutil.copytree(output / "vq", tmp_path / "vq")  # a trained tokenizer, but no checkpoints yet
+    with pytest.raises(ValueError, match="no checkpoint-"):
+        run_recipe(RecipeArguments(output_dir=str(tmp_path), resume=True, **{**TINY_RUN, "stage": "model"}))
+
+
+def test_eval_cli_writes_table_and_json_with_scores_in_unit_interval(tiny_run, tmp_path, capsys):
+    from transformers_f2ace.evaluation import FaceJudge, FaceJudgeConfig
+
+    output, _ = tiny_run
+    judge_dir = tmp_path / "judge"
+    torch.manual_seed(0)
+    FaceJudge(FaceJudgeConfig(image_size=32, channels=(4, 8), feature_dim=8)).save_pretrained(str(judge_dir))
+    report_path = tmp_path / "report.json"
+    assert main(["eval", str(output / "final"), "--num", "2", "--max-new-tokens", "3", "--steps", "2",
+                 "--judge", str(judge_dir), "--json", str(report_path)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+
+    understanding = report["understanding"]
+    asked = {name for index in range(2) for name, value in make_example("test", index, size=32)["attributes"].items()
+             if value is not None}
+    assert asked <= set(understanding["vqa_accuracy"])  # one entry per visible attribute (plus the expression)
+    scores = [*understanding["vqa_accuracy"].values(), understanding["vqa_overall"], understanding["caption_recall"],
+              *report["generation"]["judged_accuracy"].values()]
+    assert all(0.0 <= score <= 1.0 for score in scores)
+    assert math.isfinite(report["generation"]["frechet_distance"]) and report["generation"]["frechet_distance"] >= 0
+    assert "| hair_colour |" in table or "| hat |" in table
+    assert "Caption attribute recall" in table and "Fréchet distance" in table
+
+
+def test_eval_without_judge_skips_generation_with_a_message(tiny_run, capsys):
+    output, _ = tiny_run
+    assert main(["eval", str(output / "final"), "--num", "1", "--max-new-tokens", "2"]) == 0
+    assert "Generation metrics skipped: no --judge folder given" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command, options", [("train", ("--resume", "--model-steps", "--t2i-fraction")),
+                                              ("eval", ("--judge", "--num", "--json"))])
+def test_cli_help(command, options, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(option in text for option in options)
+
+
+def test_mixed_records_follow_the_ratios():
+    examples = [make_example("train", index, size=32) for index in range(10)]
+    records = mixed_records(examples, t2i_fraction=0.8, describe_fraction=0.5)
+    t2i = [record for record in records if "caption" in record]
+    mmu = [record for record in records if "messages" in record]
+    assert (len(t2i), len(mmu)) == (8, 2)
+    questions = [record["messages"][0]["content"][1]["text"] for record in mmu]
+    assert questions.count(DESCRIBE_QUESTION) == 1
+    answers = [record["messages"][1]["content"][0]["text"] for record in mmu]
+    mmu_examples = [example for example, record in zip(examples, records) if "messages" in record]
+    assert {example["caption"] for example in mmu_examples} & set(answers)  # the describe answer is the caption
+
+
+def test_normalise_answer_and_caption_mentions():
+    assert normalise_answer("  Top   Hat. ") == "top hat"
+    assert normalise_answer("Yes!") == "yes"
+    attributes = {"hair_colour": "red", "glasses": "none", "smiling": "yes", "bald": "no", "eye_colour": None}
+    assert caption_mentions(attributes, "A laughing person with red hair.") == (2, 2)
+    assert caption_mentions(attributes, "A person with redish hair.") == (0, 2)
+    # the dataset's own captions name every visible, present attribute
+    for index in range(30):
+        example = make_example("train", index, size=32)
+        hits, counted = caption_mentions(example["attributes"], example["caption"])
+        assert hits == counted > 0
+
+
+def test_train_cli_vq_stage_saves_a_loadable_tokenizer(tmp_path, capsys):
+    from transformers_f2ace import UniF2aceVQModel
+
+    assert main(["train", str(tmp_path), "--stage", "vq", "--config", "tiny", "--num-train", "8", "--vq-steps", "2",
+                 "--vq-batch-size", "4", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "stage vq:" in out and "s/step measured" in out and "Image tokenizer:" in out
+    assert not (tmp_path / "final").exists()  # the model stage did not run
+    assert UniF2aceVQModel.from_pretrained(tmp_path / "vq").config.resolution == 32
+
+
+def test_train_cli_rejects_bad_arguments():
+    with pytest.raises(SystemExit, match="t2i_fraction must be in"):
+        main(["train", "unused", "--t2i-fraction", "1.5"])

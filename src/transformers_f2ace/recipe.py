@@ -1,0 +1,443 @@
+"""The training recipe of the embedded default model (`unif2ace train`) and its evaluation (`unif2ace eval`).
+
+Training has two stages (DESIGN §4):
+
+1. `vq`: the image tokenizer ([`UniF2aceVQModel`] of the preset's `vq_config`) trained with [`train_vq`] on
+   SynthFace train renders at the tokenizer's resolution; saved to `OUTPUT_DIR/vq`.
+2. `model`: a UniF²ace of the preset (the trained tokenizer's weights in `model.model.vq`, a BPE tokenizer trained on
+   SynthFace captions and QA text) trained with [`UniF2aceTrainer`] on a mix of T2I caption records and MMU records
+   (attribute questions, plus "Describe the face." answered by the caption), checkpointed to
+   `OUTPUT_DIR/checkpoints` (resumable) and saved, with its processor, to `OUTPUT_DIR/final`.
+
+Evaluation measures understanding on held-out SynthFace faces (VQA exact match per attribute, caption attribute
+recall) and, with an attribute judge (`transformers_f2ace.evaluation`), generation (judged attribute accuracy of
+generated faces, Fréchet distance in the judge's feature space).
+"""
+
+import copy
+import importlib
+import json
+import math
+import re
+import string
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from .configuration_unif2ace import UniF2aceConfig
+from .data import ABSENT_VALUE, conversation, make_example
+from .data.text import EXPRESSION_QUESTION, QUESTIONS, expression
+from .image_processing_unif2ace import UniF2aceImageProcessor
+from .modeling_unif2ace import UniF2aceForConditionalGeneration
+from .modeling_unif2ace_vq import UniF2aceVQModel
+from .processing_unif2ace import UniF2aceProcessor
+from .tokenization_unif2ace import train_unif2ace_tokenizer
+
+PRESETS = {"small": UniF2aceConfig.small, "tiny": UniF2aceConfig.tiny}
+STAGES = ("vq", "model", "all")
+DESCRIBE_QUESTION = "Describe the face."
+CHAT_WORDS = "USER: ASSISTANT:"
+
+
+# ------------------------------------------------------------------------------------------------------- training
+@dataclass
+class RecipeArguments:
+    """Everything `unif2ace train` takes.
+
+    Defaults target about an hour of the small preset on an uncontended 2-core CPU, from steps measured under ~2.5×
+    contention (VQ 4.6 s/step at batch 32, model 8.7 s/step at batch 32): batch 16 for both stages (the per-step cost
+    is about linear in the batch), 600 tokenizer steps and 1,500 model steps (2 epochs of 12,000 faces), AdamW at
+    1e-3 with 100 warm-up steps and cosine decay, 80% generation / 20% understanding records. Every stage prints its
+    own estimate after measuring a few steps.
+    """
+
+    output_dir: str
+    stage: str = "all"
+    config: str = "small"
+    seed: int = 0
+    num_train: int = 12000
+    # stage 1: the VQ tokenizer
+    vq_steps: int = 600
+    vq_batch_size: int = 16
+    vq_lr: float = 1e-3
+    # stage 2: the model
+    model_steps: int = 1500
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    t2i_fraction: float = 0.8
+    describe_fraction: float = 0.25
+    save_steps: int = 100
+    save_total_limit: int = 2
+    logging_steps: int = 25
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.config not in PRESETS:
+            raise ValueError(f"config must be one of {tuple(PRESETS)}, got {self.config!r}")
+        for name in ("num_train", "vq_steps", "vq_batch_size", "model_steps", "batch_size", "save_steps",
+                     "logging_steps", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("vq_lr", "lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError(f"warmup_steps and weight_decay must be >= 0, got {self.warmup_steps}, {self.weight_decay}")
+        for name in ("t2i_fraction", "describe_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class RecipeResult:
+    """What `run_recipe` did: the saved folders, the tokenizer's last losses, the Trainer's log history and final
+    step, and the wall seconds per stage that ran."""
+
+    vq_dir: Path | None = None
+    final_dir: Path | None = None
+    vq_losses: dict[str, float] = field(default_factory=dict)
+    log_history: list[dict[str, float]] = field(default_factory=list)
+    global_step: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def synthface_examples(num: int, size: int, seed: int, split: str = "train") -> list[dict[str, Any]]:
+    """The first `num` SynthFace examples of `split` at `size` px (`make_example` records)."""
+    return [make_example(split, index, size=size, seed=seed) for index in range(num)]
+
+
+def _takes_share(index: int, fraction: float) -> bool:
+    """Whether item `index` is among a share `fraction` of items spread evenly (0.8: 4 of every 5)."""
+    return math.floor((index + 1) * fraction) > math.floor(index * fraction)
+
+
+def mixed_records(examples: list[dict[str, Any]], t2i_fraction: float, describe_fraction: float) -> list[dict]:
+    """One training record per example, interleaved evenly: a share `t2i_fraction` are T2I (`{"image", "caption"}`),
+    the others MMU (`{"image", "messages"}`): of those a share `describe_fraction` ask "Describe the face." (answer:
+    the caption), the rest the example's attribute question."""
+    records, num_mmu = [], 0
+    for index, example in enumerate(examples):
+        if _takes_share(index, t2i_fraction):
+            records.append({"image": example["image"], "caption": example["caption"]})
+            continue
+        describe = _takes_share(num_mmu, describe_fraction)
+        question, answer = (DESCRIBE_QUESTION, example["caption"]) if describe else example["qa"]
+        records.append({"image": example["image"], "messages": conversation(question, answer)})
+        num_mmu += 1
+    return records
+
+
+def tokenizer_corpus(examples: list[dict[str, Any]]) -> list[str]:
+    """Captions, QA text and every question template, for the BPE tokenizer."""
+    templates = [q for questions in QUESTIONS.values() for q in questions]
+    fixed = " ".join([*templates, EXPRESSION_QUESTION, DESCRIBE_QUESTION, CHAT_WORDS])
+    return [fixed] * 4 + [example["caption"] + " " + " ".join(example["qa"]) for example in examples]
+
+
+def _estimate(label: str, seconds_per_step: float, steps: int) -> None:
+    print(f"[unif2ace train] {label}: {seconds_per_step:.2f} s/step measured -> about "
+          f"{seconds_per_step * steps / 60:.1f} min for {steps} steps", flush=True)
+
+
+def _time_vq_step(vq: UniF2aceVQModel, images: torch.Tensor, batch_size: int, lr: float) -> float:
+    """Seconds per training step of the tokenizer, measured on a copy (one warm-up step, then two)."""
+    from .training.vq import train_vq
+
+    probe = copy.deepcopy(vq)
+    train_vq(probe, images[:batch_size], steps=1, lr=lr, batch_size=batch_size, seed=0, progress=False)
+    start = time.perf_counter()
+    train_vq(probe, images[:batch_size], steps=2, lr=lr, batch_size=batch_size, seed=0, progress=False)
+    return (time.perf_counter() - start) / 2
+
+
+def train_vq_stage(args: RecipeArguments, config: UniF2aceConfig, examples: list[dict[str, Any]]) -> dict[str, float]:
+    """Stage 1: train the preset's image tokenizer on the examples' renders; save it to `output_dir/vq`."""
+    from .training.vq import train_vq
+
+    torch.manual_seed(args.seed)
+    vq = UniF2aceVQModel(config.vq_config)
+    # uint8 (N, 3, R, R): the examples are rendered at the tokenizer's resolution
+    images = torch.from_numpy(np.stack([np.asarray(example["image"].convert("RGB")) for example in examples]))
+    images = images.permute(0, 3, 1, 2).contiguous()
+    _estimate("stage vq", _time_vq_step(vq, images, args.vq_batch_size, args.vq_lr), args.vq_steps)
+    return train_vq(vq, images, steps=args.vq_steps, lr=args.vq_lr, batch_size=args.vq_batch_size, seed=args.seed,
+                    progress=args.progress, output_dir=str(Path(args.output_dir) / "vq"))
+
+
+def build_processor(config: UniF2aceConfig, examples: list[dict[str, Any]]) -> UniF2aceProcessor:
+    """The processor of the recipe: image processor sized from `config`, BPE tokenizer trained on SynthFace text."""
+    tokenizer = train_unif2ace_tokenizer(tokenizer_corpus(examples), config)
+    return UniF2aceProcessor(UniF2aceImageProcessor.from_model_config(config), tokenizer,
+                             num_image_tokens=config.num_image_tokens)
+
+
+def build_model(config: UniF2aceConfig, vq_dir: Path, seed: int) -> UniF2aceForConditionalGeneration:
+    """A freshly initialised UniF²ace of `config` with the trained tokenizer of `vq_dir` in `model.model.vq`."""
+    vq = UniF2aceVQModel.from_pretrained(vq_dir)
+    metadata = {"_name_or_path": None, "architectures": None, "dtype": None, "transformers_version": None}
+    if vq.config.to_dict() | metadata != config.vq_config.to_dict() | metadata:
+        raise ValueError(f"the tokenizer in {vq_dir} was trained with another vq_config than the preset's: "
+                         "train the vq stage again with the same --config")
+    torch.manual_seed(seed)
+    model = UniF2aceForConditionalGeneration(config)
+    model.model.vq.load_state_dict(vq.state_dict())
+    return model
+
+
+class EstimateCallback(TrainerCallback):
+    """Prints the measured time per step and the estimate for the run after a few steps (the first excluded: it
+    includes the warm-up)."""
+
+    def __init__(self, max_steps: int, measured_steps: int = 3):
+        self.max_steps, self.measured_steps = max_steps, measured_steps
+        self.first_step, self.start = None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is None:
+            self.first_step, self.start = state.global_step, time.perf_counter()
+        elif state.global_step == self.first_step + self.measured_steps:
+            seconds = (time.perf_counter() - self.start) / self.measured_steps
+            _estimate("stage model", seconds, self.max_steps - self.first_step)
+
+
+def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: list[dict[str, Any]]):
+    """Stage 2: the unified MMU + T2I training; returns the trainer after saving `output_dir/final`."""
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .training import UniF2aceTrainer
+
+    output = Path(args.output_dir)
+    checkpoints = output / "checkpoints"
+    resume_from = None
+    if args.resume:
+        resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if resume_from is None:
+            raise ValueError(f"--resume: no checkpoint-* folder in {checkpoints}; run without --resume to start")
+        processor = UniF2aceProcessor.from_pretrained(output / "processor")
+    else:
+        processor = build_processor(config, examples)
+        processor.save_pretrained(output / "processor")
+    model = build_model(config, output / "vq", args.seed)
+    training_args = TrainingArguments(
+        output_dir=str(checkpoints), max_steps=args.model_steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, warmup_steps=args.warmup_steps, lr_scheduler_type="cosine",
+        weight_decay=args.weight_decay, max_grad_norm=1.0, logging_steps=args.logging_steps,
+        save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+        seed=args.seed, report_to="none", use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False,
+        disable_tqdm=not args.progress,
+    )
+    trainer = UniF2aceTrainer(
+        model=model, args=training_args, train_dataset=mixed_records(examples, args.t2i_fraction,
+                                                                     args.describe_fraction),
+        processing_class=processor, balance_loss=True, callbacks=[EstimateCallback(args.model_steps)],
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    final = output / "final"
+    trainer.save_model(str(final))
+    processor.save_pretrained(final)
+    return trainer
+
+
+def run_recipe(args: RecipeArguments) -> RecipeResult:
+    """Run the stages `args.stage` asks for; `--resume` skips a VQ stage whose tokenizer is already saved."""
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "recipe_args.json").write_text(json.dumps(asdict(args), indent=2))
+    config = PRESETS[args.config]()
+    examples = synthface_examples(args.num_train, config.vq_config.resolution, args.seed)
+    result = RecipeResult()
+    if args.stage in ("vq", "all"):
+        if args.resume and (output / "vq" / "config.json").is_file():
+            print(f"[unif2ace train] stage vq: --resume keeps the tokenizer already in {output / 'vq'}")
+        else:
+            start = time.perf_counter()
+            result.vq_losses = train_vq_stage(args, config, examples)
+            result.seconds["vq"] = time.perf_counter() - start
+        result.vq_dir = output / "vq"
+    if args.stage in ("model", "all"):
+        if not (output / "vq" / "config.json").is_file():
+            raise ValueError(f"stage model needs the trained tokenizer in {output / 'vq'}: run --stage vq first")
+        start = time.perf_counter()
+        trainer = train_model_stage(args, config, examples)
+        result.seconds["model"] = time.perf_counter() - start
+        result.final_dir = output / "final"
+        result.log_history = trainer.state.log_history
+        result.global_step = trainer.state.global_step
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+# Words that show a "yes" of a yes/no category in a caption (the captions leave "no" / "none" values out).
+YES_WORDS: dict[str, tuple[str, ...]] = {
+    "bald": ("bald",), "bangs": ("bangs",), "eyes_closed": ("closed eyes",), "eyebrows_raised": ("raised",),
+    "moustache": ("moustache",), "stubble": ("stubble",), "sunglasses": ("sunglasses",), "mask": ("mask",),
+    "blush": ("blushing",), "smiling": ("smiling", "laughing"), "mouth_open": ("laughing", "surprised"),
+}
+
+
+def normalise_answer(text: str) -> str:
+    """Lower-case, punctuation removed, whitespace collapsed."""
+    text = text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation)))
+    return " ".join(text.split())
+
+
+def mentioned(text: str, phrase: str) -> bool:
+    """Whether `phrase` occurs in `text` as whole words (after `normalise_answer` of both)."""
+    return re.search(rf"\b{re.escape(normalise_answer(phrase))}\b", normalise_answer(text)) is not None
+
+
+def attribute_questions(attributes: dict[str, str | None]) -> list[tuple[str, str, str]]:
+    """(attribute, question, answer) for every visible category (its first question template) and the expression."""
+    items = [(name, QUESTIONS[name][0], value) for name, value in attributes.items()
+             if value is not None and name in QUESTIONS]
+    mood = expression(attributes)
+    if mood is not None:
+        items.append(("expression", EXPRESSION_QUESTION, mood))
+    return items
+
+
+def caption_mentions(attributes: dict[str, str | None], text: str) -> tuple[int, int]:
+    """(mentioned, counted): the visible, non-absent attribute values of a face, and how many `text` names."""
+    counted = hits = 0
+    for name, value in attributes.items():
+        if value is None or ABSENT_VALUE.get(name) == value:
+            continue
+        words = YES_WORDS.get(name, (value,)) if value == "yes" else (value,)
+        counted += 1
+        hits += any(mentioned(text, word) for word in words)
+    return hits, counted
+
+
+@torch.no_grad()
+def answer_questions(model, processor, image, questions: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers of `model` to `questions` about one image (one left-padded batch)."""
+    conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+                     for question in questions]
+    texts, _ = render_jinja_template(conversations=conversations, chat_template=processor.chat_template,
+                                     add_generation_prompt=True, **processor.tokenizer.special_tokens_map)
+    inputs = processor(images=[image] * len(texts), text=texts, mode="mmu", return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return [text.strip() for text in
+            processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def evaluate_understanding(model, processor, examples: list[dict[str, Any]], max_new_tokens: int = 48
+                           ) -> dict[str, Any]:
+    """VQA exact-match accuracy per attribute (and overall, micro) and caption attribute recall (micro)."""
+    correct: dict[str, list[int]] = {}
+    hits = counted = 0
+    for example in examples:
+        items = attribute_questions(example["attributes"])
+        answers = answer_questions(model, processor, example["image"],
+                                   [question for _, question, _ in items] + [DESCRIBE_QUESTION], max_new_tokens)
+        for (name, _, truth), answer in zip(items, answers):
+            correct.setdefault(name, []).append(int(normalise_answer(answer) == normalise_answer(truth)))
+        face_hits, face_counted = caption_mentions(example["attributes"], answers[-1])
+        hits, counted = hits + face_hits, counted + face_counted
+    flat = [value for values in correct.values() for value in values]
+    return {
+        "vqa_accuracy": {name: sum(values) / len(values) for name, values in sorted(correct.items())},
+        "vqa_overall": sum(flat) / len(flat),
+        "vqa_questions": len(flat),
+        "caption_recall": hits / counted if counted else 0.0,
+    }
+
+
+def evaluate_generation(model, processor, examples: list[dict[str, Any]], judge_dir: str, steps: int | None,
+                        seed: int, batch_size: int = 8) -> dict[str, Any]:
+    """Judged attribute accuracy of faces generated from the examples' captions, and the Fréchet distance between
+    the judge's features of generated and real faces. Needs `transformers_f2ace.evaluation`."""
+    from .evaluation import FaceJudge, attribute_accuracy, frechet_distance
+
+    judge = FaceJudge.from_pretrained(judge_dir)
+    generator = torch.Generator().manual_seed(seed)
+    generated = []
+    for start in range(0, len(examples), batch_size):
+        prompts = [example["caption"] for example in examples[start:start + batch_size]]
+        generated += model.generate_images(**processor(text=prompts, return_tensors="pt"), num_inference_steps=steps,
+                                           generator=generator, progress=False)
+    scores = attribute_accuracy(judge.predict(generated), [example["attributes"] for example in examples])
+    accuracy = {**scores["per_category"], "overall": scores["accuracy"]}
+    distance = frechet_distance(judge.embed(generated), judge.embed([example["image"] for example in examples]))
+    return {"judged_accuracy": accuracy, "frechet_distance": float(distance)}
+
+
+def run_eval(model_dir: str, num: int = 50, split: str = "test", judge_dir: str | None = None,
+             steps: int | None = None, seed: int = 0, max_new_tokens: int = 48) -> dict[str, Any]:
+    """Evaluate the checkpoint in `model_dir` on the first `num` SynthFace faces of `split`.
+
+    `steps` are the MaskGIT steps of generation (default: the model config's); `max_new_tokens` bounds the answers.
+    Returns a dict: `understanding` (see [`evaluate_understanding`]) and `generation` (judged accuracy per
+    attribute and `overall`, `frechet_distance`) or `generation_skipped` (why)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    examples = synthface_examples(num, model.config.vq_config.resolution, seed, split)
+    report: dict[str, Any] = {"model": str(model_dir), "split": split, "num_faces": num,
+                              "understanding": evaluate_understanding(model, processor, examples, max_new_tokens)}
+    if judge_dir is None:
+        report["generation_skipped"] = "no --judge folder given"
+        return report
+    try:
+        importlib.import_module(".evaluation", __package__)
+    except ImportError as error:
+        report["generation_skipped"] = f"transformers_f2ace.evaluation is not importable ({error})"
+        return report
+    report["generation"] = evaluate_generation(model, processor, examples, judge_dir, steps, seed)
+    return report
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The report as a markdown table: one row per attribute (VQA accuracy, judged generation accuracy)."""
+    understanding = report["understanding"]
+    generation = report.get("generation", {}).get("judged_accuracy", {})
+    names = sorted((set(understanding["vqa_accuracy"]) | set(generation)) - {"overall"})
+
+    def cell(table: dict[str, float], name: str) -> str:
+        return f"{table[name]:.3f}" if name in table else "-"
+
+    lines = ["| attribute | VQA accuracy | generation accuracy (judge) |", "|---|---|---|"]
+    lines += [f"| {name} | {cell(understanding['vqa_accuracy'], name)} | {cell(generation, name)} |" for name in names]
+    lines.append(f"| **overall** | {understanding['vqa_overall']:.3f} | {cell(generation, 'overall')} |")
+    lines.append("")
+    lines.append(f"Caption attribute recall: {understanding['caption_recall']:.3f} "
+                 f"({report['num_faces']} {report['split']} faces, {understanding['vqa_questions']} questions)")
+    if "generation" in report:
+        lines.append(f"Fréchet distance (judge features): {report['generation']['frechet_distance']:.3f}")
+    else:
+        lines.append(f"Generation metrics skipped: {report['generation_skipped']}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "RecipeArguments",
+    "RecipeResult",
+    "attribute_questions",
+    "build_model",
+    "build_processor",
+    "caption_mentions",
+    "evaluate_generation",
+    "evaluate_understanding",
+    "markdown_table",
+    "mixed_records",
+    "normalise_answer",
+    "run_eval",
+    "run_recipe",
+    "synthface_examples",
+    "tokenizer_corpus",
+]
