@@ -211,7 +211,6 @@ def save_result(trainer, processor, script_args) -> Path:
     return output_dir
 
 
-
 def build_trainer(script_args, training_args, records, eval_records=None):
     """Model, processor, step-seeded collator and trainer for `records` (raw T2I / MMU records)."""
     model, processor = load_model_and_processor(script_args, training_args)
