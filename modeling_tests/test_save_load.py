@@ -170,7 +170,7 @@ def test_checkpoint_with_a_different_codebook_is_refused(tmp_path, tiny_model):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
-def test_inconsistent_vocab_in_config_is_rejected(tiny_config):
+def test_stored_text_vocab_size_is_rederived_from_the_layout(tiny_config):
     data = tiny_config.to_dict()
     data["text_config"]["vocab_size"] = 5
     # the unified vocabulary is derived from the layout; a stored text_config.vocab_size is overwritten, never trusted

@@ -32,6 +32,7 @@ SHOW_O_SPECIAL_TOKENS = (
     "[PAD]",
 )
 MASK_TOKEN = "[MASK]"
+MIN_FRAMING_TOKENS = 8  # task token, BOS / EOS, <|soi|> / <|eoi|> and a few text tokens around one image
 PHI_END_OF_TEXT_ID = 50256  # <|endoftext|> in Phi-1.5's tokenizer
 REQUIRED_SPECIAL_TOKENS = ("<|soi|>", "<|eoi|>", "<|t2i|>", "<|mmu|>", "[PAD]")
 SEQUENCE_EXPERT_KINDS = ("copy", "zero", "noise", "clip", "face")
@@ -397,7 +398,7 @@ class UniF2aceConfig(PreTrainedConfig):
                 f"({self.vocab_size} = text {self.text_vocab_size} + special {len(self.special_tokens)} + codes "
                 f"{self.codebook_size} + mask)"
             )
-        if self.num_image_tokens + 8 > self.text_config.max_position_embeddings:
+        if self.num_image_tokens + MIN_FRAMING_TOKENS > self.text_config.max_position_embeddings:
             raise ValueError(
                 f"text_config.max_position_embeddings ({self.text_config.max_position_embeddings}) cannot hold the "
                 f"{self.num_image_tokens} image tokens of vq_config"
