@@ -92,9 +92,16 @@ def test_eval_cli_writes_table_and_json_with_scores_in_unit_interval(tiny_run, t
     FaceJudge(FaceJudgeConfig(image_size=32, channels=(4, 8), feature_dim=8)).save_pretrained(str(judge_dir))
     report_path = tmp_path / "report.json"
     assert main(["eval", str(output / "final"), "--num", "2", "--max-new-tokens", "3", "--steps", "2",
-                 "--judge", str(judge_dir), "--json", str(report_path)]) == 0
+                 "--judge", str(judge_dir), "--json", str(report_path), "--card", "org/tiny-face"]) == 0
     table = capsys.readouterr().out
     report = json.loads(report_path.read_text())
+    card = (output / "final" / "README.md").read_text()
+    # the card carries the measured numbers (model-index and table), the recipe that trained it, usage for the repo
+    vqa = f"{round(report['understanding']['vqa_overall'], 4)}"
+    assert "metrics:" in card and "VQA exact match" in card and vqa in card
+    assert "judged attribute accuracy" in card and "Fréchet distance (judge features)" in card
+    assert "## Training" in card and "`tiny` preset" in card and f"model for {TINY_RUN['model_steps']} steps" in card
+    assert 'from_pretrained("org/tiny-face")' in card
 
     understanding = report["understanding"]
     asked = {name for index in range(2) for name, value in make_example("test", index, size=32)["attributes"].items()
@@ -164,3 +171,31 @@ def test_train_cli_vq_stage_saves_a_loadable_tokenizer(tmp_path, capsys):
 def test_train_cli_rejects_bad_arguments():
     with pytest.raises(SystemExit, match="t2i_fraction must be in"):
         main(["train", "unused", "--t2i-fraction", "1.5"])
+
+
+def test_ablation_switches_change_the_trained_model(tiny_run, tmp_path):
+    """A mask-only, dense run reuses the first run's tokenizer (`vq_dir`) and trains the model it describes."""
+    output, _ = tiny_run
+    ablation = tmp_path / "dense_mask_only"
+    result = run_recipe(RecipeArguments(output_dir=str(ablation), vq_dir=str(output / "vq"), d3diff_alpha=0.0,
+                                        moe=False, **{**TINY_RUN, "stage": "model"}))
+    assert result.global_step == 4 and not (ablation / "vq").exists()
+    model = AutoModelForImageTextToText.from_pretrained(ablation / "final")
+    assert model.config.d3diff_alpha == 0.0
+    assert not model.config.moe_config.token_moe and not model.config.moe_config.sequence_moe
+    assert not any("experts" in name for name, _ in model.named_parameters())
+    vq_weights = load_file(output / "vq" / "model.safetensors")
+    for name, tensor in model.model.vq.state_dict().items():
+        torch.testing.assert_close(tensor, vq_weights[name], rtol=0, atol=0)
+    # the score term is logged but weighs 0, and a dense model has no balance loss: loss = text + mask terms
+    entries = [entry for entry in result.log_history if "mask_loss" in entry]
+    assert entries and all("aux_loss" not in entry and entry["score_loss"] > 0 for entry in entries)
+    for entry in entries:  # a batch without understanding rows has no text term
+        assert entry["loss"] == pytest.approx(entry.get("text_loss", 0.0) + entry["mask_loss"], rel=1e-3)
+
+
+def test_vq_dir_goes_only_with_stage_model(tmp_path):
+    with pytest.raises(ValueError, match="only goes with stage 'model'"):
+        RecipeArguments(output_dir=str(tmp_path), vq_dir=str(tmp_path / "vq"))
+    with pytest.raises(SystemExit, match="d3diff_alpha must be >= 0"):
+        main(["train", "unused", "--d3diff-alpha", "-1"])

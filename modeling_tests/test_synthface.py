@@ -38,7 +38,7 @@ BASE = dict(
     moustache="no", stubble="no", glasses="none", sunglasses="no", hat="none", hat_colour=None, earrings="none",
     mask="no", lipstick="none", blush="no", smiling="no", mouth_open="no", background="green",
 )
-# Where each category is drawn, as (row0, row1, col0, col1) inclusive token cells of the 8 x 8 grid (see render.py).
+# Where each category is drawn, as (row0, row1, col0, col1) inclusive unit cells of the 8 x 8 grid (see render.py).
 REGION = {
     "face_shape": (0, 7, 0, 7), "skin_tone": (0, 7, 0, 7), "hair_colour": (0, 7, 0, 7), "bald": (0, 7, 0, 7),
     "hair_length": (0, 7, 0, 7), "hair_style": (0, 7, 0, 7), "bangs": (1, 2, 1, 6), "eye_colour": (3, 3, 2, 5),

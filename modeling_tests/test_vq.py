@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from transformers_f2ace.configuration_unif2ace_vq import UniF2aceVQConfig
 from transformers_f2ace.modeling_unif2ace_vq import (
@@ -16,7 +17,7 @@ from transformers_f2ace.modeling_unif2ace_vq import (
     codes_to_bits,
     lfq_entropy_loss,
 )
-from transformers_f2ace.training.vq import train_vq
+from transformers_f2ace.training.vq import lr_factor, train_vq
 
 
 def vq_config(**overrides) -> UniF2aceVQConfig:
@@ -293,6 +294,31 @@ def test_training_rejects_bad_arguments():
         train_vq(model, images, steps=1, lr=0.0, batch_size=2, seed=0, progress=False)
     with pytest.raises(ValueError, match="images is empty"):
         train_vq(model, [], steps=1, lr=1e-3, batch_size=2, seed=0, progress=False)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        train_vq(model, images, steps=1, lr=1e-3, batch_size=2, seed=0, progress=False, lr_schedule="step")
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    # warm-up 2 of 6 steps: 1/3, 2/3, then the cosine over the 4 remaining steps: 1, cos² of 22.5°, 45°, 67.5°
+    factors = [lr_factor(step, 6, 2, "cosine") for step in range(6)]
+    expected = [1 / 3, 2 / 3, 1.0, math.cos(math.pi / 8) ** 2, 0.5, math.cos(3 * math.pi / 8) ** 2]
+    assert factors == pytest.approx(expected)
+    assert lr_factor(6, 6, 2, "cosine") == pytest.approx(0.0)
+    assert [lr_factor(step, 6, 2, "constant") for step in range(2, 6)] == [1.0] * 4
+
+
+def test_cosine_training_uses_the_schedule():
+    model, images = vq_model(seed=0), shape_images(4, 32, seed=0)
+    seen = []  # the learning rate of every optimizer step, observed through torch's global step hook
+    handle = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.append(optimizer.param_groups[0]["lr"]))
+    try:
+        train_vq(model, images, steps=4, lr=1e-3, batch_size=2, seed=0, progress=False, lr_schedule="cosine",
+                 warmup_steps=1)
+    finally:
+        handle.remove()
+    # warm-up 1 of 4 steps: 1/2; then the cosine over 3 steps: 1, cos² 30°, cos² 60°
+    assert seen == pytest.approx([5e-4, 1e-3, 1e-3 * math.cos(math.pi / 6) ** 2, 1e-3 * math.cos(math.pi / 3) ** 2])
 
 
 # ---------------------------------------------------------------- input validation

@@ -103,10 +103,12 @@ def _train(args: argparse.Namespace) -> int:
     try:
         recipe = RecipeArguments(
             output_dir=args.output_dir, stage=args.stage, config=args.config, seed=args.seed, num_train=args.num_train,
-            vq_steps=args.vq_steps, vq_batch_size=args.vq_batch_size, vq_lr=args.vq_lr, model_steps=args.model_steps,
+            vq_steps=args.vq_steps, vq_batch_size=args.vq_batch_size, vq_lr=args.vq_lr,
+            vq_warmup_steps=args.vq_warmup_steps, vq_dir=args.vq_dir, model_steps=args.model_steps,
             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
             t2i_fraction=args.t2i_fraction, describe_fraction=args.describe_fraction, save_steps=args.save_steps,
             logging_steps=args.logging_steps, resume=args.resume, progress=not args.no_progress,
+            d3diff_alpha=args.d3diff_alpha, moe=not args.no_moe,
         )
         result = run_recipe(recipe)
     except ValueError as error:
@@ -122,7 +124,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from .recipe import markdown_table, run_eval
+    from .recipe import markdown_table, run_eval, write_model_card
 
     try:
         report = run_eval(args.model_dir, num=args.num, split=args.split, judge_dir=args.judge, steps=args.steps,
@@ -135,6 +137,8 @@ def _eval(args: argparse.Namespace) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2))
         print(f"Wrote {output.resolve()}")
+    if args.card:
+        print(f"Model card with these metrics: {write_model_card(args.model_dir, report, args.card).resolve()}")
     return 0
 
 
@@ -210,11 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("output_dir", help="the run folder")
     train.add_argument("--stage", choices=("vq", "model", "all"), default=defaults.stage, help="which stages to run")
     train.add_argument("--config", choices=("small", "tiny"), default=defaults.config,
-                       help="UniF2aceConfig preset (small: 64 px, 8x8 tokens, 1024 codes; tiny: for tests)")
+                       help="UniF2aceConfig preset (small: 64 px, 16x16 tokens, 1024 codes; tiny: for tests)")
     train.add_argument("--num-train", type=int, default=defaults.num_train, help="SynthFace training faces")
     train.add_argument("--vq-steps", type=int, default=defaults.vq_steps, help="tokenizer training steps")
     train.add_argument("--vq-batch-size", type=int, default=defaults.vq_batch_size, help="images per tokenizer step")
     train.add_argument("--vq-lr", type=float, default=defaults.vq_lr, help="tokenizer AdamW learning rate")
+    train.add_argument("--vq-warmup-steps", type=int, default=defaults.vq_warmup_steps,
+                       help="tokenizer warm-up steps (then cosine decay)")
+    train.add_argument("--vq-dir", help="stage model only: use the tokenizer trained by another run (its vq folder)")
     train.add_argument("--model-steps", type=int, default=defaults.model_steps, help="model optimizer steps")
     train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="records per model step")
     train.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (cosine decay)")
@@ -230,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="keep a trained OUTPUT_DIR/vq and continue from the last checkpoint in OUTPUT_DIR/checkpoints")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train.add_argument("--d3diff-alpha", type=float, default=None,
+                       help="ablation: weight of the D3Diff score term (default: the preset's; 0 = mask-only loss)")
+    train.add_argument("--no-moe", action="store_true",
+                       help="ablation: dense MLPs and no sequence-level experts instead of both MoE levels")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser(
@@ -244,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int, default=None, help="MaskGIT steps (default: the model config's)")
     evaluate.add_argument("--max-new-tokens", type=int, default=48, help="answer length bound")
     evaluate.add_argument("--seed", type=int, default=0, help="dataset and sampling seed")
+    evaluate.add_argument("--card", metavar="REPO_ID",
+                          help="also write MODEL_DIR/README.md: the model card (usage for REPO_ID) with these metrics")
     evaluate.set_defaults(run=_eval)
     return parser
 

@@ -446,14 +446,15 @@ class UniF2aceConfig(PreTrainedConfig):
 
     @classmethod
     def small(cls, **overrides) -> "UniF2aceConfig":
-        """The demo / embedded-model size (~10M parameters): 4 layers, hidden 256, 64 image tokens (64 px, 8x),
-        a 1,024-code VQ, 4 routed experts top-2 per group."""
+        """The demo / embedded-model size (~10M parameters): 4 layers, hidden 256, 256 image tokens (64 px, 4x
+        downsampling: 8x lost the small attributes, e.g. eye colour), a 1,024-code VQ, 4 routed experts top-2 per
+        group."""
         return cls._preset(
             dict(
                 text_vocab_size=4096, bos_token_id=0, eos_token_id=0,
                 text_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                                  max_position_embeddings=512),
-                vq_config=dict(resolution=64, base_channels=32, channel_multipliers=[1, 2, 2, 4], num_res_blocks=1,
+                vq_config=dict(resolution=64, base_channels=32, channel_multipliers=[1, 2, 4], num_res_blocks=1,
                                codebook_bits=10),
                 moe_config=dict(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=256,
                                 shared_expert_intermediate_size=256, resampler_depth=1, resampler_num_heads=4),

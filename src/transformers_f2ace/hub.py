@@ -143,6 +143,7 @@ def render_model_card(
     license: str = "apache-2.0",
     model_name: str | None = None,
     adapters: Mapping[str, str] | None = None,
+    training: str | None = None,
 ) -> ModelCard:
     """The model card of a UniF²ace checkpoint published as `repo_id`, from `hub_cards/model_card.md`.
 
@@ -155,13 +156,14 @@ def render_model_card(
         license: a Hub license identifier.
         model_name: the `model-index` name (default: the repo name).
         adapters: `{subfolder: description}` of PEFT adapters stored in the same repo.
+        training: markdown for a "Training" section (data, command, budget).
     """
     _check_repo_id(repo_id, "repo_id")
     data = _card_data(repo_id, "transformers", TAGS, base_model, datasets, eval_results, license, model_name)
     return ModelCard.from_template(
         data, template_path=str(MODEL_CARD_TEMPLATE), title=data.model_name or repo_id.split("/")[-1],
         repo_id=repo_id, s=model_summary(model, processor), adapters=dict(adapters or {}),
-        results=list(eval_results or []),
+        results=list(eval_results or []), training=training,
     )
 
 

@@ -43,6 +43,7 @@ PRESETS = {"small": UniF2aceConfig.small, "tiny": UniF2aceConfig.tiny}
 STAGES = ("vq", "model", "all")
 DESCRIBE_QUESTION = "Describe the face."
 CHAT_WORDS = "USER: ASSISTANT:"
+RECIPE_ARGS_FILE = "recipe_args.json"  # in the run folder and in its final model folder
 
 
 # ------------------------------------------------------------------------------------------------------- training
@@ -63,9 +64,11 @@ class RecipeArguments:
     seed: int = 0
     num_train: int = 12000
     # stage 1: the VQ tokenizer
-    vq_steps: int = 600
+    vq_steps: int = 2400
     vq_batch_size: int = 16
-    vq_lr: float = 1e-3
+    vq_lr: float = 2e-3
+    vq_warmup_steps: int = 50
+    vq_dir: str | None = None
     # stage 2: the model
     model_steps: int = 1500
     batch_size: int = 16
@@ -79,6 +82,9 @@ class RecipeArguments:
     logging_steps: int = 25
     resume: bool = False
     progress: bool = True
+    # ablations: the preset's D3Diff weight (None) or another (0 = mask-only loss); both MoE levels or a dense model
+    d3diff_alpha: float | None = None
+    moe: bool = True
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -92,8 +98,13 @@ class RecipeArguments:
         for name in ("vq_lr", "lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError(f"warmup_steps and weight_decay must be >= 0, got {self.warmup_steps}, {self.weight_decay}")
+        if self.d3diff_alpha is not None and self.d3diff_alpha < 0:
+            raise ValueError(f"d3diff_alpha must be >= 0, got {self.d3diff_alpha}")
+        if self.vq_dir is not None and self.stage != "model":
+            raise ValueError("vq_dir (a tokenizer trained by another run) only goes with stage 'model'")
+        if self.warmup_steps < 0 or self.vq_warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError(f"warmup_steps, vq_warmup_steps and weight_decay must be >= 0, got {self.warmup_steps}, "
+                             f"{self.vq_warmup_steps}, {self.weight_decay}")
         for name in ("t2i_fraction", "describe_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -172,7 +183,8 @@ def train_vq_stage(args: RecipeArguments, config: UniF2aceConfig, examples: list
     images = images.permute(0, 3, 1, 2).contiguous()
     _estimate("stage vq", _time_vq_step(vq, images, args.vq_batch_size, args.vq_lr), args.vq_steps)
     return train_vq(vq, images, steps=args.vq_steps, lr=args.vq_lr, batch_size=args.vq_batch_size, seed=args.seed,
-                    progress=args.progress, output_dir=str(Path(args.output_dir) / "vq"))
+                    progress=args.progress, output_dir=str(Path(args.output_dir) / "vq"), lr_schedule="cosine",
+                    warmup_steps=args.vq_warmup_steps)
 
 
 def build_processor(config: UniF2aceConfig, examples: list[dict[str, Any]]) -> UniF2aceProcessor:
@@ -211,6 +223,22 @@ class EstimateCallback(TrainerCallback):
             _estimate("stage model", seconds, self.max_steps - self.first_step)
 
 
+def recipe_config(args: RecipeArguments) -> UniF2aceConfig:
+    """The preset `args.config`, with the ablation switches applied (`d3diff_alpha`; `moe=False`: dense MLPs and no
+    sequence-level experts)."""
+    overrides: dict[str, Any] = {}
+    if args.d3diff_alpha is not None:
+        overrides["d3diff_alpha"] = args.d3diff_alpha
+    if not args.moe:
+        overrides["moe_config"] = {"token_moe": False, "sequence_moe": False}
+    return PRESETS[args.config](**overrides)
+
+
+def tokenizer_dir(args: RecipeArguments) -> Path:
+    """Where stage model reads the trained image tokenizer: `args.vq_dir`, else `output_dir/vq`."""
+    return Path(args.vq_dir) if args.vq_dir is not None else Path(args.output_dir) / "vq"
+
+
 def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: list[dict[str, Any]]):
     """Stage 2: the unified MMU + T2I training; returns the trainer after saving `output_dir/final`."""
     from transformers import TrainingArguments
@@ -229,7 +257,7 @@ def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: l
     else:
         processor = build_processor(config, examples)
         processor.save_pretrained(output / "processor")
-    model = build_model(config, output / "vq", args.seed)
+    model = build_model(config, tokenizer_dir(args), args.seed)
     training_args = TrainingArguments(
         output_dir=str(checkpoints), max_steps=args.model_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, lr_scheduler_type="cosine",
@@ -247,6 +275,7 @@ def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: l
     final = output / "final"
     trainer.save_model(str(final))
     processor.save_pretrained(final)
+    (final / RECIPE_ARGS_FILE).write_text(json.dumps(asdict(args), indent=2))
     return trainer
 
 
@@ -254,8 +283,8 @@ def run_recipe(args: RecipeArguments) -> RecipeResult:
     """Run the stages `args.stage` asks for; `--resume` skips a VQ stage whose tokenizer is already saved."""
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "recipe_args.json").write_text(json.dumps(asdict(args), indent=2))
-    config = PRESETS[args.config]()
+    (output / RECIPE_ARGS_FILE).write_text(json.dumps(asdict(args), indent=2))
+    config = recipe_config(args)
     examples = synthface_examples(args.num_train, config.vq_config.resolution, args.seed)
     result = RecipeResult()
     if args.stage in ("vq", "all"):
@@ -267,8 +296,9 @@ def run_recipe(args: RecipeArguments) -> RecipeResult:
             result.seconds["vq"] = time.perf_counter() - start
         result.vq_dir = output / "vq"
     if args.stage in ("model", "all"):
-        if not (output / "vq" / "config.json").is_file():
-            raise ValueError(f"stage model needs the trained tokenizer in {output / 'vq'}: run --stage vq first")
+        if not (tokenizer_dir(args) / "config.json").is_file():
+            raise ValueError(f"stage model needs the trained tokenizer in {tokenizer_dir(args)}: run --stage vq first "
+                             "(or pass the vq folder of another run)")
         start = time.perf_counter()
         trainer = train_model_stage(args, config, examples)
         result.seconds["model"] = time.perf_counter() - start
@@ -402,6 +432,65 @@ def run_eval(model_dir: str, num: int = 50, split: str = "test", judge_dir: str 
     return report
 
 
+def eval_results(report: dict[str, Any]) -> list:
+    """The report's headline numbers as `huggingface_hub.EvalResult`s (the model card's `model-index`)."""
+    from huggingface_hub import EvalResult
+
+    dataset = {"dataset_type": "synthface", "dataset_name": f"SynthFace ({report['split']}, {report['num_faces']} faces)",
+               "dataset_split": report["split"]}
+    understanding = report["understanding"]
+    results = [
+        EvalResult(task_type="visual-question-answering", task_name="Face VQA", metric_type="exact_match",
+                   metric_name="VQA exact match", metric_value=round(understanding["vqa_overall"], 4), **dataset),
+        EvalResult(task_type="image-to-text", task_name="Face captioning", metric_type="recall",
+                   metric_name="caption attribute recall", metric_value=round(understanding["caption_recall"], 4),
+                   **dataset),
+    ]
+    if "generation" in report:
+        generation = report["generation"]
+        results += [
+            EvalResult(task_type="text-to-image", task_name="Face generation", metric_type="accuracy",
+                       metric_name="judged attribute accuracy",
+                       metric_value=round(generation["judged_accuracy"]["overall"], 4), **dataset),
+            EvalResult(task_type="text-to-image", task_name="Face generation", metric_type="frechet_distance",
+                       metric_name="Fréchet distance (judge features)",
+                       metric_value=round(generation["frechet_distance"], 3), **dataset),
+        ]
+    return results
+
+
+def training_summary(recipe: dict[str, Any]) -> str:
+    """A markdown paragraph on how a recipe run (its `recipe_args.json` as a dict) trained the model."""
+    ablation = []
+    if recipe.get("d3diff_alpha") is not None:
+        ablation.append(f"`--d3diff-alpha {recipe['d3diff_alpha']}`")
+    if not recipe.get("moe", True):
+        ablation.append("`--no-moe`")
+    return (
+        f"Trained on this package's SynthFace (procedural faces, {recipe['num_train']:,} training faces, seed "
+        f"{recipe['seed']}) by `unif2ace train` with the `{recipe['config']}` preset"
+        f"{' and ' + ', '.join(ablation) if ablation else ''}: the image tokenizer for {recipe['vq_steps']:,} steps "
+        f"(batch {recipe['vq_batch_size']}, AdamW {recipe['vq_lr']:g}, cosine), then the model for "
+        f"{recipe['model_steps']:,} steps (batch {recipe['batch_size']}, AdamW {recipe['lr']:g}, cosine, "
+        f"{recipe['t2i_fraction']:.0%} generation / {1 - recipe['t2i_fraction']:.0%} understanding records), "
+        "on a 2-core CPU. The metrics below come from `unif2ace eval` on the held-out test split."
+    )
+
+
+def write_model_card(model_dir: str | Path, report: dict[str, Any], repo_id: str) -> Path:
+    """Render the model card of `model_dir` (from `hub_cards/`, usage snippets for `repo_id`) with the report's
+    metrics (and, when the folder holds the recipe's `recipe_args.json`, how it was trained); save it as
+    `model_dir/README.md` and return that path."""
+    from .hub import render_folder_card
+
+    model_dir = Path(model_dir)
+    recipe_file = model_dir / RECIPE_ARGS_FILE
+    training = training_summary(json.loads(recipe_file.read_text())) if recipe_file.is_file() else None
+    path = model_dir / "README.md"
+    render_folder_card(model_dir, repo_id, eval_results=eval_results(report), training=training).save(path)
+    return path
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The report as a markdown table: one row per attribute (VQA accuracy, judged generation accuracy)."""
     understanding = report["understanding"]
@@ -433,6 +522,7 @@ __all__ = [
     "caption_mentions",
     "evaluate_generation",
     "evaluate_understanding",
+    "eval_results",
     "markdown_table",
     "mixed_records",
     "normalise_answer",
@@ -440,4 +530,6 @@ __all__ = [
     "run_recipe",
     "synthface_examples",
     "tokenizer_corpus",
+    "training_summary",
+    "write_model_card",
 ]

@@ -1,7 +1,7 @@
 """SynthFace: a procedural, seeded, fine-grained face dataset (PIL drawing, no downloads).
 
 `ATTRIBUTES` is the category -> values table; `sample_attributes` draws consistent attribute dicts (occluded
-categories are `None`); `render_face` draws them on an 8 x 8 token grid; `caption` / `vqa_pairs` give text;
+categories are `None`); `render_face` draws them on an 8 x 8 unit grid; `caption` / `vqa_pairs` give text;
 `load_synthface` builds a `datasets.Dataset` (needs the `train` extra); `save_gallery` writes a PNG grid.
 """
 

@@ -1,7 +1,7 @@
 """Deterministic flat-colour face renderer for SynthFace.
 
-Everything is drawn in a normalised frame of `GRID` x `GRID` units, one unit per image token of the embedded model
-(64 px images with 8 x 8-pixel tokens), so features are large and sit on the token grid:
+Everything is drawn in a normalised frame of `GRID` x `GRID` units (8 x 8 pixels each at 64 px, i.e. 2 x 2 image
+tokens of the embedded model), so features are large and sit on the grid:
 
     rows 0-1   hat (ends at y = 1.7), crown of the hair     row 3    eyes / glasses / sunglasses, eyes centred
     rows 1-2   fringe (bangs), ends at y = 2.3                       in columns 2 and 5

@@ -63,7 +63,7 @@ def load_synthface(split: str = "train", num_samples: int = 1000, size: int = 64
     Args:
         split: "train", "validation" or "test" (disjoint seeds and disjoint attribute combinations).
         num_samples: number of examples (> 0).
-        size: image side in pixels (64 matches the embedded model's 8 x 8 token grid).
+        size: image side in pixels (64 is the embedded model's resolution).
         seed: dataset seed; the same arguments always give the same dataset.
 
     Returns:

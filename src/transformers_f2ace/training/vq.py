@@ -1,5 +1,6 @@
 """Training loop for the image tokenizer (`UniF2aceVQModel`): AdamW on reconstruction + commitment + entropy losses."""
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -10,6 +11,18 @@ from tqdm.auto import tqdm
 from ..modeling_unif2ace_vq import UniF2aceVQModel
 
 _LOSS_NAMES = ("loss", "reconstruction_loss", "commitment_loss", "entropy_loss")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based) of `steps`: linear warm-up over
+    `warmup_steps`, then 1 (`"constant"`) or a cosine decay reaching 0 after the last step (`"cosine"`)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _to_uint8_chw(image: Image.Image | np.ndarray, resolution: int) -> torch.Tensor:
@@ -58,9 +71,11 @@ def train_vq(
     output_dir: str | None = None,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 1.0,
+    lr_schedule: str = "constant",
+    warmup_steps: int = 0,
 ) -> dict[str, float]:
     """
-    Train `model` in place with AdamW at constant learning rate for `steps` steps.
+    Train `model` in place with AdamW for `steps` steps.
 
     Args:
         model: the tokenizer; trained on its own device and dtype.
@@ -74,6 +89,8 @@ def train_vq(
         output_dir: if given, `model.save_pretrained(output_dir)` (safetensors) after training.
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient-norm clipping threshold; `None` disables clipping.
+        lr_schedule: `"constant"` or `"cosine"` (decay to 0 at the last step), after `warmup_steps` linear warm-up.
+        warmup_steps: steps of linear warm-up from 0 to `lr`.
 
     Returns:
         The losses of the last step: `loss`, `reconstruction_loss`, `commitment_loss`, `entropy_loss` (floats).
@@ -82,9 +99,16 @@ def train_vq(
         raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     data = _as_image_tensor(images, model.config.resolution)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps, warmup_steps, lr_schedule)
+    )
     order = torch.empty(0, dtype=torch.long)
 
     model.train()
@@ -100,6 +124,7 @@ def train_vq(
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
+            scheduler.step()
             losses = {name: output[name].item() for name in _LOSS_NAMES}
             bar.set_postfix(loss=f"{losses['loss']:.4f}", rec=f"{losses['reconstruction_loss']:.4f}")
             bar.update()
