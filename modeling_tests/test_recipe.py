@@ -4,13 +4,14 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from transformers_f2ace.cli import main
-from transformers_f2ace.data import make_example
+from transformers_f2ace.data import make_example, vqa_pairs
 from transformers_f2ace.recipe import (
     DESCRIBE_QUESTION,
     RecipeArguments,
@@ -110,7 +111,10 @@ def test_eval_cli_writes_table_and_json_with_scores_in_unit_interval(tiny_run, t
     scores = [*understanding["vqa_accuracy"].values(), understanding["vqa_overall"], understanding["caption_recall"],
               *report["generation"]["judged_accuracy"].values()]
     assert all(0.0 <= score <= 1.0 for score in scores)
-    assert math.isfinite(report["generation"]["frechet_distance"]) and report["generation"]["frechet_distance"] >= 0
+    generation = report["generation"]
+    assert math.isfinite(generation["frechet_distance"]) and generation["frechet_distance"] >= 0
+    assert math.isfinite(generation["frechet_floor"]) and generation["frechet_floor"] >= 0
+    assert "real-vs-real floor at this size" in table
     assert "| hair_colour |" in table or "| hat |" in table
     assert "Caption attribute recall" in table and "Fréchet distance" in table
 
@@ -142,6 +146,24 @@ def test_mixed_records_follow_the_ratios():
     answers = [record["messages"][1]["content"][0]["text"] for record in mmu]
     mmu_examples = [example for example, record in zip(examples, records) if "messages" in record]
     assert {example["caption"] for example in mmu_examples} & set(answers)  # the describe answer is the caption
+
+
+def test_mixed_records_ask_several_questions_per_conversation():
+    examples = [make_example("train", index, size=32) for index in range(10)]
+    records = mixed_records(examples, t2i_fraction=0.0, describe_fraction=0.0, questions_per_record=3, seed=0)
+    for example, record in zip(examples, records):
+        turns = record["messages"]
+        assert [turn["role"] for turn in turns] == ["user", "assistant"] * 3
+        assert turns[0]["content"][0]["type"] == "image"  # the image once, in the first turn
+        assert all(item["type"] == "text" for turn in turns[1:] for item in turn["content"])
+        questions = [turn["content"][-1]["text"] for turn in turns[::2]]
+        assert questions[0] == example["qa"][0] and len(set(questions)) == 3
+        # every answer is the face's truth for its question (a yes/no value check or the attribute's value)
+        truths = dict(vqa_pairs(example["attributes"], np.random.default_rng(0)))
+        for question, answer in zip(questions, (turn["content"][0]["text"] for turn in turns[1::2])):
+            if question in truths and not truths[question] in ("yes", "no"):
+                assert answer == truths[question], (question, answer)
+    assert records == mixed_records(examples, 0.0, 0.0, questions_per_record=3, seed=0)  # seeded
 
 
 def test_normalise_answer_and_caption_mentions():

@@ -106,7 +106,8 @@ def _train(args: argparse.Namespace) -> int:
             vq_steps=args.vq_steps, vq_batch_size=args.vq_batch_size, vq_lr=args.vq_lr,
             vq_warmup_steps=args.vq_warmup_steps, vq_dir=args.vq_dir, model_steps=args.model_steps,
             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-            t2i_fraction=args.t2i_fraction, describe_fraction=args.describe_fraction, save_steps=args.save_steps,
+            t2i_fraction=args.t2i_fraction, describe_fraction=args.describe_fraction,
+            questions_per_record=args.questions_per_record, save_steps=args.save_steps,
             logging_steps=args.logging_steps, resume=args.resume, progress=not args.no_progress,
             d3diff_alpha=args.d3diff_alpha, moe=not args.no_moe,
         )
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="share of generation records; the rest are understanding records")
     train.add_argument("--describe-fraction", type=float, default=defaults.describe_fraction,
                        help="share of understanding records that ask 'Describe the face.'")
+    train.add_argument("--questions-per-record", type=int, default=defaults.questions_per_record,
+                       help="attribute questions per understanding conversation")
     train.add_argument("--save-steps", type=int, default=defaults.save_steps, help="checkpoint every N steps")
     train.add_argument("--logging-steps", type=int, default=defaults.logging_steps, help="log losses every N steps")
     train.add_argument("--seed", type=int, default=defaults.seed, help="dataset, initialisation and mask seed")

@@ -32,7 +32,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from .configuration_unif2ace import UniF2aceConfig
 from .data import ABSENT_VALUE, conversation, make_example
-from .data.text import EXPRESSION_QUESTION, QUESTIONS, expression
+from .data.text import EXPRESSION_QUESTION, QUESTIONS, expression, vqa_pairs
 from .image_processing_unif2ace import UniF2aceImageProcessor
 from .modeling_unif2ace import UniF2aceForConditionalGeneration
 from .modeling_unif2ace_vq import UniF2aceVQModel
@@ -51,11 +51,13 @@ RECIPE_ARGS_FILE = "recipe_args.json"  # in the run folder and in its final mode
 class RecipeArguments:
     """Everything `unif2ace train` takes.
 
-    Defaults target about an hour of the small preset on an uncontended 2-core CPU, from steps measured under ~2.5×
-    contention (VQ 4.6 s/step at batch 32, model 8.7 s/step at batch 32): batch 16 for both stages (the per-step cost
-    is about linear in the batch), 600 tokenizer steps and 1,500 model steps (2 epochs of 12,000 faces), AdamW at
-    1e-3 with 100 warm-up steps and cosine decay, 80% generation / 20% understanding records. Every stage prints its
-    own estimate after measuring a few steps.
+    The defaults are the embedded model's run, sized to about an hour on an uncontended 2-core CPU: the tokenizer
+    (4x downsampling, 256 tokens per 64 px face) for 2,400 steps of 16 images, AdamW 2e-3 with 50 warm-up steps and
+    cosine decay (about 0.6 s/step); then the model for 1,200 steps of 16 records (1.6 epochs of 12,000 faces), AdamW
+    1e-3, 100 warm-up steps, cosine decay, 70% generation / 30% understanding records, each understanding record a
+    conversation of `questions_per_record` attribute questions (or, for a share `describe_fraction`, "Describe the
+    face."). Every stage prints its own estimate after measuring a few steps. `d3diff_alpha`, `moe` and `vq_dir` are
+    for the ablations (README): another loss or a dense model on the tokenizer of another run.
     """
 
     output_dir: str
@@ -70,13 +72,14 @@ class RecipeArguments:
     vq_warmup_steps: int = 50
     vq_dir: str | None = None
     # stage 2: the model
-    model_steps: int = 1500
+    model_steps: int = 1200
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    t2i_fraction: float = 0.8
-    describe_fraction: float = 0.25
+    t2i_fraction: float = 0.7
+    describe_fraction: float = 0.2
+    questions_per_record: int = 4
     save_steps: int = 100
     save_total_limit: int = 2
     logging_steps: int = 25
@@ -92,7 +95,7 @@ class RecipeArguments:
         if self.config not in PRESETS:
             raise ValueError(f"config must be one of {tuple(PRESETS)}, got {self.config!r}")
         for name in ("num_train", "vq_steps", "vq_batch_size", "model_steps", "batch_size", "save_steps",
-                     "logging_steps", "save_total_limit"):
+                     "logging_steps", "save_total_limit", "questions_per_record"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("vq_lr", "lr"):
@@ -133,18 +136,35 @@ def _takes_share(index: int, fraction: float) -> bool:
     return math.floor((index + 1) * fraction) > math.floor(index * fraction)
 
 
-def mixed_records(examples: list[dict[str, Any]], t2i_fraction: float, describe_fraction: float) -> list[dict]:
+def multi_turn(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """A VQA conversation of several (question, answer) turns about one image (the image in the first user turn)."""
+    messages = conversation(*pairs[0])
+    for question, answer in pairs[1:]:
+        messages += [{"role": "user", "content": [{"type": "text", "text": question}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return messages
+
+
+def mixed_records(examples: list[dict[str, Any]], t2i_fraction: float, describe_fraction: float,
+                  questions_per_record: int = 1, seed: int = 0) -> list[dict]:
     """One training record per example, interleaved evenly: a share `t2i_fraction` are T2I (`{"image", "caption"}`),
     the others MMU (`{"image", "messages"}`): of those a share `describe_fraction` ask "Describe the face." (answer:
-    the caption), the rest the example's attribute question."""
+    the caption), the rest `questions_per_record` attribute questions about the face in one conversation (the
+    example's own question first, then others drawn from its `vqa_pairs` with a generator seeded by `seed` and the
+    example's index)."""
     records, num_mmu = [], 0
     for index, example in enumerate(examples):
         if _takes_share(index, t2i_fraction):
             records.append({"image": example["image"], "caption": example["caption"]})
             continue
-        describe = _takes_share(num_mmu, describe_fraction)
-        question, answer = (DESCRIBE_QUESTION, example["caption"]) if describe else example["qa"]
-        records.append({"image": example["image"], "messages": conversation(question, answer)})
+        if _takes_share(num_mmu, describe_fraction):
+            messages = conversation(DESCRIBE_QUESTION, example["caption"])
+        else:
+            rng = np.random.default_rng([seed, index])
+            others = [pair for pair in vqa_pairs(example["attributes"], rng) if pair[0] != example["qa"][0]]
+            picked = rng.permutation(len(others))[: questions_per_record - 1]
+            messages = multi_turn([tuple(example["qa"]), *(others[i] for i in picked)])
+        records.append({"image": example["image"], "messages": messages})
         num_mmu += 1
     return records
 
@@ -267,8 +287,8 @@ def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: l
         disable_tqdm=not args.progress,
     )
     trainer = UniF2aceTrainer(
-        model=model, args=training_args, train_dataset=mixed_records(examples, args.t2i_fraction,
-                                                                     args.describe_fraction),
+        model=model, args=training_args, train_dataset=mixed_records(
+            examples, args.t2i_fraction, args.describe_fraction, args.questions_per_record, args.seed),
         processing_class=processor, balance_loss=True, callbacks=[EstimateCallback(args.model_steps)],
     )
     trainer.train(resume_from_checkpoint=resume_from)
@@ -386,9 +406,13 @@ def evaluate_understanding(model, processor, examples: list[dict[str, Any]], max
 
 
 def evaluate_generation(model, processor, examples: list[dict[str, Any]], judge_dir: str, steps: int | None,
-                        seed: int, batch_size: int = 8) -> dict[str, Any]:
+                        seed: int, batch_size: int = 8, reference: list[dict[str, Any]] | None = None
+                        ) -> dict[str, Any]:
     """Judged attribute accuracy of faces generated from the examples' captions, and the Fréchet distance between
-    the judge's features of generated and real faces. Needs `transformers_f2ace.evaluation`."""
+    the judge's features of generated and real faces; with `reference` (as many other real faces), also the
+    real-vs-real floor `frechet_floor` (the distance between the examples' and the reference faces: the Fréchet
+    distance is biased upwards at small sample sizes, so compare against this floor at the same size). Needs
+    `transformers_f2ace.evaluation`."""
     from .evaluation import FaceJudge, attribute_accuracy, frechet_distance
 
     judge = FaceJudge.from_pretrained(judge_dir)
@@ -400,8 +424,12 @@ def evaluate_generation(model, processor, examples: list[dict[str, Any]], judge_
                                            generator=generator, progress=False)
     scores = attribute_accuracy(judge.predict(generated), [example["attributes"] for example in examples])
     accuracy = {**scores["per_category"], "overall": scores["accuracy"]}
-    distance = frechet_distance(judge.embed(generated), judge.embed([example["image"] for example in examples]))
-    return {"judged_accuracy": accuracy, "frechet_distance": float(distance)}
+    real = judge.embed([example["image"] for example in examples])
+    report = {"judged_accuracy": accuracy, "frechet_distance": float(frechet_distance(judge.embed(generated), real))}
+    if reference is not None:
+        report["frechet_floor"] = float(frechet_distance(judge.embed([example["image"] for example in reference]),
+                                                         real))
+    return report
 
 
 def run_eval(model_dir: str, num: int = 50, split: str = "test", judge_dir: str | None = None,
@@ -410,7 +438,8 @@ def run_eval(model_dir: str, num: int = 50, split: str = "test", judge_dir: str 
 
     `steps` are the MaskGIT steps of generation (default: the model config's); `max_new_tokens` bounds the answers.
     Returns a dict: `understanding` (see [`evaluate_understanding`]) and `generation` (judged accuracy per
-    attribute and `overall`, `frechet_distance`) or `generation_skipped` (why)."""
+    attribute and `overall`, `frechet_distance`, and `frechet_floor` against as many faces of another split) or
+    `generation_skipped` (why)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if num < 1:
@@ -428,7 +457,10 @@ def run_eval(model_dir: str, num: int = 50, split: str = "test", judge_dir: str 
     except ImportError as error:
         report["generation_skipped"] = f"transformers_f2ace.evaluation is not importable ({error})"
         return report
-    report["generation"] = evaluate_generation(model, processor, examples, judge_dir, steps, seed)
+    reference_split = "validation" if split != "validation" else "train"
+    reference = synthface_examples(num, model.config.vq_config.resolution, seed, reference_split)
+    report["generation"] = evaluate_generation(model, processor, examples, judge_dir, steps, seed,
+                                               reference=reference)
     return report
 
 
@@ -507,7 +539,10 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines.append(f"Caption attribute recall: {understanding['caption_recall']:.3f} "
                  f"({report['num_faces']} {report['split']} faces, {understanding['vqa_questions']} questions)")
     if "generation" in report:
-        lines.append(f"Fréchet distance (judge features): {report['generation']['frechet_distance']:.3f}")
+        generation = report["generation"]
+        floor = (f" (real-vs-real floor at this size: {generation['frechet_floor']:.3f})"
+                 if "frechet_floor" in generation else "")
+        lines.append(f"Fréchet distance (judge features): {generation['frechet_distance']:.3f}{floor}")
     else:
         lines.append(f"Generation metrics skipped: {report['generation_skipped']}")
     return "\n".join(lines)
