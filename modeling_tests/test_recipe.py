@@ -45,6 +45,7 @@ def test_both_stages_run_and_final_folder_loads_through_auto_classes(tiny_run):
     model = AutoModelForImageTextToText.from_pretrained(output / "final")
     processor = AutoProcessor.from_pretrained(output / "final")
     assert model.config.vq_config.resolution == 32
+    assert not list((output / "final").glob("*.bin"))  # nothing pickled in the folder meant for the Hub
     assert len(processor.tokenizer) == model.config.vocab_size
     # the trained image tokenizer of stage 1 is the one inside the final model (frozen during stage 2)
     vq_weights = load_file(output / "vq" / "model.safetensors")
@@ -114,6 +115,7 @@ def test_eval_cli_writes_table_and_json_with_scores_in_unit_interval(tiny_run, t
     generation = report["generation"]
     assert math.isfinite(generation["frechet_distance"]) and generation["frechet_distance"] >= 0
     assert math.isfinite(generation["frechet_floor"]) and generation["frechet_floor"] >= 0
+    assert 0.0 <= generation["tokenizer_ceiling"] <= 1.0 and "the ceiling of generation" in table
     assert "real-vs-real floor at this size" in table
     assert "| hair_colour |" in table or "| hat |" in table
     assert "Caption attribute recall" in table and "Fréchet distance" in table

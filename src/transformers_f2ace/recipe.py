@@ -295,6 +295,8 @@ def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: l
     final = output / "final"
     trainer.save_model(str(final))
     processor.save_pretrained(final)
+    # the recipe's arguments replace the Trainer's pickled training_args.bin: the folder is meant to be published
+    (final / "training_args.bin").unlink(missing_ok=True)
     (final / RECIPE_ARGS_FILE).write_text(json.dumps(asdict(args), indent=2))
     return trainer
 
@@ -405,14 +407,30 @@ def evaluate_understanding(model, processor, examples: list[dict[str, Any]], max
     }
 
 
+@torch.no_grad()
+def reconstruction_accuracy(model, processor, examples: list[dict[str, Any]], judge, batch_size: int = 32) -> float:
+    """The judge's attribute accuracy on the examples' real faces after the model's image tokenizer (encode, decode):
+    the ceiling of generation accuracy, since every generated face is a decoded token grid."""
+    from .evaluation import attribute_accuracy
+
+    reconstructed = []
+    for start in range(0, len(examples), batch_size):
+        images = [example["image"] for example in examples[start:start + batch_size]]
+        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        codes = model.model.encode_images(pixel_values.to(model.device))
+        reconstructed += processor.image_processor.postprocess(model.decode_image_tokens(codes))
+    scores = attribute_accuracy(judge.predict(reconstructed), [example["attributes"] for example in examples])
+    return scores["accuracy"]
+
+
 def evaluate_generation(model, processor, examples: list[dict[str, Any]], judge_dir: str, steps: int | None,
                         seed: int, batch_size: int = 8, reference: list[dict[str, Any]] | None = None
                         ) -> dict[str, Any]:
     """Judged attribute accuracy of faces generated from the examples' captions, and the Fréchet distance between
     the judge's features of generated and real faces; with `reference` (as many other real faces), also the
     real-vs-real floor `frechet_floor` (the distance between the examples' and the reference faces: the Fréchet
-    distance is biased upwards at small sample sizes, so compare against this floor at the same size). Needs
-    `transformers_f2ace.evaluation`."""
+    distance is biased upwards at small sample sizes, so compare against this floor at the same size); and the
+    `tokenizer_ceiling` (see [`reconstruction_accuracy`]). Needs `transformers_f2ace.evaluation`."""
     from .evaluation import FaceJudge, attribute_accuracy, frechet_distance
 
     judge = FaceJudge.from_pretrained(judge_dir)
@@ -425,7 +443,8 @@ def evaluate_generation(model, processor, examples: list[dict[str, Any]], judge_
     scores = attribute_accuracy(judge.predict(generated), [example["attributes"] for example in examples])
     accuracy = {**scores["per_category"], "overall": scores["accuracy"]}
     real = judge.embed([example["image"] for example in examples])
-    report = {"judged_accuracy": accuracy, "frechet_distance": float(frechet_distance(judge.embed(generated), real))}
+    report = {"judged_accuracy": accuracy, "frechet_distance": float(frechet_distance(judge.embed(generated), real)),
+              "tokenizer_ceiling": reconstruction_accuracy(model, processor, examples, judge)}
     if reference is not None:
         report["frechet_floor"] = float(frechet_distance(judge.embed([example["image"] for example in reference]),
                                                          real))
@@ -543,6 +562,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         floor = (f" (real-vs-real floor at this size: {generation['frechet_floor']:.3f})"
                  if "frechet_floor" in generation else "")
         lines.append(f"Fréchet distance (judge features): {generation['frechet_distance']:.3f}{floor}")
+        lines.append(f"Judge accuracy on tokenizer reconstructions of the real faces (the ceiling of generation): "
+                     f"{generation['tokenizer_ceiling']:.3f}")
     else:
         lines.append(f"Generation metrics skipped: {report['generation_skipped']}")
     return "\n".join(lines)
@@ -561,6 +582,7 @@ __all__ = [
     "markdown_table",
     "mixed_records",
     "normalise_answer",
+    "reconstruction_accuracy",
     "run_eval",
     "run_recipe",
     "synthface_examples",
