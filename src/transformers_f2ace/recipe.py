@@ -524,7 +524,7 @@ def training_summary(recipe: dict[str, Any]) -> str:
         f"(batch {recipe['vq_batch_size']}, AdamW {recipe['vq_lr']:g}, cosine), then the model for "
         f"{recipe['model_steps']:,} steps (batch {recipe['batch_size']}, AdamW {recipe['lr']:g}, cosine, "
         f"{recipe['t2i_fraction']:.0%} generation / {1 - recipe['t2i_fraction']:.0%} understanding records), "
-        "on a 2-core CPU. The metrics below come from `unif2ace eval` on the held-out test split."
+        "on a 2-core CPU. The evaluation metrics come from `unif2ace eval` on the held-out test split."
     )
 
 
