@@ -6,16 +6,18 @@ a little below what the committed model measured on this slice (see the model ca
 so a change to the modeling, processing or sampling code that degrades the trained model fails here.
 """
 
+import numpy as np
 import pytest
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from transformers_f2ace.demo import EMBEDDED_MODEL_DIR
-from transformers_f2ace.evaluation import DEFAULT_JUDGE_PATH
+from transformers_f2ace.evaluation import DEFAULT_JUDGE_PATH, FaceJudge, attribute_accuracy
 from transformers_f2ace.recipe import evaluate_generation, evaluate_understanding, synthface_examples
 
 # Measured on this slice with the committed model: VQA 0.582 (194 questions), generated-face accuracy 0.640 (8 faces,
-# seed 0). For scale, the judge gives these 8 captions 0.435 on grey squares, 0.489 on uniform noise and 0.409 on
-# 8 other real faces, so the generation threshold sits above every "ignores the prompt" baseline.
+# seed 0). For scale, the judge gives these 8 captions 0.435 on grey squares and 0.489 on uniform noise (the test
+# below recomputes both), so the generation threshold sits above the "ignores the prompt" baselines.
 NUM_FACES = 8
 MIN_VQA_ACCURACY = 0.52
 MIN_GENERATION_ACCURACY = 0.56
@@ -46,11 +48,15 @@ def test_generated_attribute_accuracy_on_a_fixed_slice(embedded):
     model, processor, examples = embedded
     report = evaluate_generation(model, processor, examples, DEFAULT_JUDGE_PATH, steps=None, seed=0)
     assert report["judged_accuracy"]["overall"] >= MIN_GENERATION_ACCURACY, report
+    # the threshold means something: images that ignore the prompts score below it
+    judge, size = FaceJudge.from_pretrained(DEFAULT_JUDGE_PATH), model.config.vq_config.resolution
+    targets = [example["attributes"] for example in examples]
+    noise = np.random.default_rng(0).integers(0, 256, (NUM_FACES, size, size, 3), dtype=np.uint8)
+    for images in ([Image.new("RGB", (size, size), (128, 128, 128))] * NUM_FACES, [Image.fromarray(x) for x in noise]):
+        assert attribute_accuracy(judge.predict(images), targets)["accuracy"] < MIN_GENERATION_ACCURACY
 
 
 def test_demo_runs_on_the_embedded_model_and_writes_the_grid(tmp_path, capsys):
-    from PIL import Image
-
     from transformers_f2ace.cli import main
 
     assert main(["demo", "--output-dir", str(tmp_path), "--no-progress"]) == 0
