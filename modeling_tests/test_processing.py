@@ -158,9 +158,14 @@ def test_text_only_and_mixed_understanding_rows(tiny_processor, tiny_config):
 
 
 def test_text_only_chat_is_an_understanding_sequence(tiny_processor, tiny_config):
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
     messages = [{"role": "user", "content": "What is a fringe?"}]
-    encoded = tiny_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True, return_tensors="pt")
+    with CaptureLogger(logging.get_logger("transformers.processing_utils")) as captured:
+        encoded = tiny_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True, return_tensors="pt")
+    assert "processor_kwargs" not in captured.out  # the MMU mode travels as a processing argument, silently
     ids = encoded["input_ids"][0].tolist()
     assert ids[0] == tiny_config.mmu_token_id and tiny_config.t2i_token_id not in ids
     assert tiny_config.soi_token_id not in ids

@@ -11,18 +11,21 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from transformers_f2ace.cli import main
-from transformers_f2ace.data import make_example, vqa_pairs
+from transformers_f2ace.data import ATTRIBUTES, make_example, vqa_pairs
 from transformers_f2ace.recipe import (
     DESCRIBE_QUESTION,
+    SEMANTIC_PROBE_FILE,
     RecipeArguments,
+    build_model,
     caption_mentions,
     mixed_records,
     normalise_answer,
     run_recipe,
 )
 
-TINY_RUN = {"config": "tiny", "num_train": 16, "vq_steps": 2, "vq_batch_size": 8, "model_steps": 4, "batch_size": 4,
-            "save_steps": 2, "logging_steps": 1, "warmup_steps": 1, "progress": False}
+TINY_RUN = {"config": "tiny", "num_train": 16, "vq_steps": 2, "vq_batch_size": 8, "semantic_steps": 2,
+            "semantic_batch_size": 8, "semantic_probe_faces": 8, "model_steps": 4, "batch_size": 4, "save_steps": 2, "logging_steps": 1,
+            "warmup_steps": 1, "progress": False}
 
 
 def step_losses(log_history: list[dict]) -> dict[int, float]:
@@ -51,6 +54,17 @@ def test_both_stages_run_and_final_folder_loads_through_auto_classes(tiny_run):
     vq_weights = load_file(output / "vq" / "model.safetensors")
     for name, tensor in model.model.vq.state_dict().items():
         torch.testing.assert_close(tensor, vq_weights[name], rtol=0, atol=0)
+    # the semantic encoder was pretrained before stage 2 (not the seed's initialisation) and stayed frozen after it
+    probe = json.loads((output / "final" / SEMANTIC_PROBE_FILE).read_text())
+    assert probe == result.semantic_probe and set(probe) == set(ATTRIBUTES) | {"overall"}
+    assert all(0.0 <= value <= 1.0 for value in probe.values())
+    initial = build_model(model.config, output / "vq", TINY_RUN.get("seed", 0)).model.feature_encoders
+    checkpoint = load_file(output / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    for name, tensor in model.model.feature_encoders.semantic_encoder.state_dict().items():
+        torch.testing.assert_close(tensor, checkpoint[f"model.feature_encoders.semantic_encoder.{name}"], rtol=0,
+                                   atol=0)
+    assert any(not torch.equal(tensor, initial.semantic_encoder.state_dict()[name])
+               for name, tensor in model.model.feature_encoders.semantic_encoder.state_dict().items())
 
 
 def test_resume_continues_exactly_from_the_last_checkpoint(tiny_run, tmp_path):
@@ -76,6 +90,9 @@ def test_resume_continues_exactly_from_the_last_checkpoint(tiny_run, tmp_path):
     for step in (3, 4):  # the resumed steps see the same batches and masks as the uninterrupted run
         assert resumed_losses[step] == pytest.approx(original[step], rel=1e-4)
     assert (resumed / "final" / "model.safetensors").is_file()
+    # the encoder came from the checkpoint, its probe from the run folder
+    assert again.semantic_probe is None
+    assert json.loads((resumed / "final" / SEMANTIC_PROBE_FILE).read_text()) == result.semantic_probe
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_run, tmp_path):
@@ -103,6 +120,7 @@ def test_eval_cli_writes_table_and_json_with_scores_in_unit_interval(tiny_run, t
     assert "metrics:" in card and "VQA exact match" in card and vqa in card
     assert "judged attribute accuracy" in card and "Fréchet distance (judge features)" in card
     assert "## Training" in card and "`tiny` preset" in card and f"model for {TINY_RUN['model_steps']} steps" in card
+    assert f"semantic (CLIP) encoder on the training faces' attributes for {TINY_RUN['semantic_steps']} steps" in card
     repo_id = "org/tiny-face"  # a name for the card's usage snippets; nothing is downloaded
     assert f'from_pretrained("{repo_id}")' in card
 
@@ -128,7 +146,7 @@ def test_eval_without_judge_skips_generation_with_a_message(tiny_run, capsys):
     assert "Generation metrics skipped: no --judge folder given" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command, options", [("train", ("--resume", "--model-steps", "--t2i-fraction")),
+@pytest.mark.parametrize("command, options", [("train", ("--resume", "--model-steps", "--t2i-fraction", "--semantic-steps")),
                                               ("eval", ("--judge", "--num", "--json"))])
 def test_cli_help(command, options, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -205,6 +223,7 @@ def test_ablation_switches_change_the_trained_model(tiny_run, tmp_path):
     result = run_recipe(RecipeArguments(output_dir=str(ablation), vq_dir=str(output / "vq"), d3diff_alpha=0.0,
                                         moe=False, **{**TINY_RUN, "stage": "model"}))
     assert result.global_step == 4 and not (ablation / "vq").exists()
+    assert result.semantic_probe is None and not (ablation / "final" / SEMANTIC_PROBE_FILE).exists()  # no encoder
     model = AutoModelForImageTextToText.from_pretrained(ablation / "final")
     assert model.config.d3diff_alpha == 0.0
     assert not model.config.moe_config.token_moe and not model.config.moe_config.sequence_moe

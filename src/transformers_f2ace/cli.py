@@ -104,7 +104,8 @@ def _train(args: argparse.Namespace) -> int:
         recipe = RecipeArguments(
             output_dir=args.output_dir, stage=args.stage, config=args.config, seed=args.seed, num_train=args.num_train,
             vq_steps=args.vq_steps, vq_batch_size=args.vq_batch_size, vq_lr=args.vq_lr,
-            vq_warmup_steps=args.vq_warmup_steps, vq_dir=args.vq_dir, model_steps=args.model_steps,
+            vq_warmup_steps=args.vq_warmup_steps, vq_dir=args.vq_dir, semantic_steps=args.semantic_steps,
+            semantic_batch_size=args.semantic_batch_size, semantic_lr=args.semantic_lr, model_steps=args.model_steps,
             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
             t2i_fraction=args.t2i_fraction, describe_fraction=args.describe_fraction,
             questions_per_record=args.questions_per_record, save_steps=args.save_steps,
@@ -116,6 +117,8 @@ def _train(args: argparse.Namespace) -> int:
         raise SystemExit(f"unif2ace train: {error}")
     if result.vq_dir is not None:
         print(f"Image tokenizer: {result.vq_dir.resolve()}")
+    if result.semantic_probe is not None:
+        print(f"Semantic encoder: attribute probe accuracy {result.semantic_probe['overall']:.3f} (validation faces)")
     if result.final_dir is not None:
         print(f"Model and processor ({result.global_step} steps): {result.final_dir.resolve()}")
     print("Wall time: " + ", ".join(f"{stage} {seconds / 60:.1f} min" for stage, seconds in result.seconds.items()))
@@ -223,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vq-warmup-steps", type=int, default=defaults.vq_warmup_steps,
                        help="tokenizer warm-up steps (then cosine decay)")
     train.add_argument("--vq-dir", help="stage model only: use the tokenizer trained by another run (its vq folder)")
+    train.add_argument("--semantic-steps", type=int, default=defaults.semantic_steps,
+                       help="attribute pretraining steps of the semantic (CLIP) encoder before stage model (0: keep "
+                            "it random)")
+    train.add_argument("--semantic-batch-size", type=int, default=defaults.semantic_batch_size,
+                       help="faces per semantic-encoder step")
+    train.add_argument("--semantic-lr", type=float, default=defaults.semantic_lr,
+                       help="semantic-encoder peak learning rate (one cycle)")
     train.add_argument("--model-steps", type=int, default=defaults.model_steps, help="model optimizer steps")
     train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="records per model step")
     train.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (cosine decay)")

@@ -456,8 +456,10 @@ class UniF2aceConfig(PreTrainedConfig):
                                  max_position_embeddings=512),
                 vq_config=dict(resolution=64, base_channels=32, channel_multipliers=[1, 2, 4], num_res_blocks=1,
                                codebook_bits=10),
+                # the 2-layer semantic tower is pretrained for its last layer (recipe), not the penultimate one
                 moe_config=dict(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=256,
-                                shared_expert_intermediate_size=256, resampler_depth=1, resampler_num_heads=4),
+                                shared_expert_intermediate_size=256, resampler_depth=1, resampler_num_heads=4,
+                                semantic_feature_layer=-1),
                 semantic_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                      image_size=64, patch_size=8, projection_dim=64),
                 identity_config=dict(image_size=64, layers=[1, 1, 1, 1], base_channels=16, embedding_size=64),

@@ -218,10 +218,11 @@ class UniF2aceProcessor(ProcessorMixin):
                 f"most {limit}; shorten the text."
             )
 
-    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-        """Chats are understanding (MMU) sequences, with or without images; see `ProcessorMixin.apply_chat_template`."""
-        kwargs.setdefault("mode", "mmu")
-        return super().apply_chat_template(conversation, chat_template, **kwargs)
+    def apply_chat_template(self, conversation, chat_template=None, processor_kwargs: dict | None = None, **kwargs):
+        """Chats are understanding (MMU) sequences, with or without images; see `ProcessorMixin.apply_chat_template`.
+        The `mode` goes in `processor_kwargs` (transformers warns about processing arguments left in `**kwargs`)."""
+        processor_kwargs = {"mode": kwargs.pop("mode", "mmu"), **(processor_kwargs or {})}
+        return super().apply_chat_template(conversation, chat_template, processor_kwargs=processor_kwargs, **kwargs)
 
     def batch_decode(self, *args, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)

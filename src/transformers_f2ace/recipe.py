@@ -5,9 +5,11 @@ Training has two stages (DESIGN §4):
 1. `vq`: the image tokenizer ([`UniF2aceVQModel`] of the preset's `vq_config`) trained with [`train_vq`] on
    SynthFace train renders at the tokenizer's resolution; saved to `OUTPUT_DIR/vq`.
 2. `model`: a UniF²ace of the preset (the trained tokenizer's weights in `model.model.vq`, a BPE tokenizer trained on
-   SynthFace captions and QA text) trained with [`UniF2aceTrainer`] on a mix of T2I caption records and MMU records
-   (attribute questions, plus "Describe the face." answered by the caption), checkpointed to
-   `OUTPUT_DIR/checkpoints` (resumable) and saved, with its processor, to `OUTPUT_DIR/final`.
+   SynthFace captions and QA text; its semantic (CLIP) encoder first pretrained on the training faces' attributes by
+   [`train_semantic_encoder`], our offline stand-in for a pretrained CLIP, then frozen) trained with
+   [`UniF2aceTrainer`] on a mix of T2I caption records and MMU records (attribute questions, plus "Describe the
+   face." answered by the caption), checkpointed to `OUTPUT_DIR/checkpoints` (resumable) and saved, with its
+   processor, to `OUTPUT_DIR/final`.
 
 Evaluation measures understanding on held-out SynthFace faces (VQA exact match per attribute, caption attribute
 recall) and, with an attribute judge (`transformers_f2ace.evaluation`), generation (judged attribute accuracy of
@@ -19,6 +21,7 @@ import importlib
 import json
 import math
 import re
+import shutil
 import string
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +34,7 @@ from transformers import TrainerCallback
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from .configuration_unif2ace import UniF2aceConfig
-from .data import ABSENT_VALUE, conversation, make_example
+from .data import ABSENT_VALUE, ATTRIBUTES, NULLABLE, attribute_labels, conversation, make_example
 from .data.text import EXPRESSION_QUESTION, QUESTIONS, expression, vqa_pairs
 from .image_processing_unif2ace import UniF2aceImageProcessor
 from .modeling_unif2ace import UniF2aceForConditionalGeneration
@@ -44,6 +47,7 @@ STAGES = ("vq", "model", "all")
 DESCRIBE_QUESTION = "Describe the face."
 CHAT_WORDS = "USER: ASSISTANT:"
 RECIPE_ARGS_FILE = "recipe_args.json"  # in the run folder and in its final model folder
+SEMANTIC_PROBE_FILE = "semantic_probe.json"  # in the run folder and in its final model folder
 
 
 # ------------------------------------------------------------------------------------------------------- training
@@ -51,9 +55,10 @@ RECIPE_ARGS_FILE = "recipe_args.json"  # in the run folder and in its final mode
 class RecipeArguments:
     """Everything `unif2ace train` takes.
 
-    The defaults are the embedded model's run, sized to about an hour on an uncontended 2-core CPU: the tokenizer
+    The defaults are the embedded model's run, sized to about 90 minutes on an uncontended 2-core CPU: the tokenizer
     (4x downsampling, 256 tokens per 64 px face) for 2,400 steps of 16 images, AdamW 2e-3 with 50 warm-up steps and
-    cosine decay (about 0.6 s/step); then the model for 1,200 steps of 16 records (1.6 epochs of 12,000 faces), AdamW
+    cosine decay (about 0.6 s/step); the semantic encoder's attribute pretraining, 1,500 steps of 128 faces (about
+    2 minutes); then the model for 2,000 steps of 16 records (2.7 epochs of 12,000 faces, about 1.75 s/step), AdamW
     1e-3, 100 warm-up steps, cosine decay, 70% generation / 30% understanding records, each understanding record a
     conversation of `questions_per_record` attribute questions (or, for a share `describe_fraction`, "Describe the
     face."). Every stage prints its own estimate after measuring a few steps. `d3diff_alpha`, `moe` and `vq_dir` are
@@ -71,8 +76,12 @@ class RecipeArguments:
     vq_lr: float = 2e-3
     vq_warmup_steps: int = 50
     vq_dir: str | None = None
-    # stage 2: the model
-    model_steps: int = 1200
+    # stage 2: the model (first its semantic encoder's attribute pretraining; 0 steps keeps it random)
+    semantic_steps: int = 1500
+    semantic_batch_size: int = 128
+    semantic_lr: float = 2e-3
+    semantic_probe_faces: int = 500  # validation faces of the encoder's probe accuracy
+    model_steps: int = 2000
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -98,7 +107,10 @@ class RecipeArguments:
                      "logging_steps", "save_total_limit", "questions_per_record"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("vq_lr", "lr"):
+        if self.semantic_steps < 0 or self.semantic_batch_size < 1 or self.semantic_probe_faces < 1:
+            raise ValueError("semantic_steps must be >= 0, semantic_batch_size and semantic_probe_faces >= 1, got "
+                             f"{self.semantic_steps}, {self.semantic_batch_size}, {self.semantic_probe_faces}")
+        for name in ("vq_lr", "lr", "semantic_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.d3diff_alpha is not None and self.d3diff_alpha < 0:
@@ -115,12 +127,14 @@ class RecipeArguments:
 
 @dataclass
 class RecipeResult:
-    """What `run_recipe` did: the saved folders, the tokenizer's last losses, the Trainer's log history and final
-    step, and the wall seconds per stage that ran."""
+    """What `run_recipe` did: the saved folders, the tokenizer's last losses, the semantic encoder's probe accuracy
+    on validation faces (None when not pretrained), the Trainer's log history and final step, and the wall seconds
+    per stage that ran."""
 
     vq_dir: Path | None = None
     final_dir: Path | None = None
     vq_losses: dict[str, float] = field(default_factory=dict)
+    semantic_probe: dict[str, float] | None = None
     log_history: list[dict[str, float]] = field(default_factory=list)
     global_step: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -227,6 +241,41 @@ def build_model(config: UniF2aceConfig, vq_dir: Path, seed: int) -> UniF2aceForC
     return model
 
 
+def pretrain_semantic_encoder(args: RecipeArguments, model: UniF2aceForConditionalGeneration,
+                              processor: UniF2aceProcessor, examples: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Train the model's semantic encoder in place on the attributes of `examples` ([`train_semantic_encoder`]) and
+    return its probe accuracy per category on the first `args.semantic_probe_faces` validation faces (written to
+    `output_dir/SEMANTIC_PROBE_FILE`); None, with nothing trained, when the model has no semantic encoder or
+    `args.semantic_steps` is 0."""
+    from .training import probe_accuracy, train_semantic_encoder
+
+    encoders = model.model.feature_encoders
+    if encoders is None or encoders.semantic_encoder is None or args.semantic_steps == 0:
+        return None
+
+    def views(faces: list[dict[str, Any]]) -> torch.Tensor:
+        images = [face["image"] for face in faces]
+        return processor.image_processor(images, return_tensors="pt")["semantic_pixel_values"]
+
+    def labels(faces: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        indices = attribute_labels([face["attributes"] for face in faces])
+        return {name: torch.from_numpy(values) for name, values in indices.items()}
+
+    layer = model.config.moe_config.semantic_feature_layer
+    num_classes = {name: len(values) + (name in NULLABLE) for name, values in ATTRIBUTES.items()}
+    heads, _ = train_semantic_encoder(
+        encoders.semantic_encoder, views(examples), labels(examples), num_classes, feature_layer=layer,
+        steps=args.semantic_steps, batch_size=args.semantic_batch_size, lr=args.semantic_lr, seed=args.seed,
+        progress=args.progress,
+    )
+    probe = synthface_examples(args.semantic_probe_faces, model.config.vq_config.resolution, args.seed, "validation")
+    accuracy = probe_accuracy(encoders.semantic_encoder, heads, views(probe), labels(probe), feature_layer=layer)
+    (Path(args.output_dir) / SEMANTIC_PROBE_FILE).write_text(json.dumps(accuracy, indent=2))
+    print(f"[unif2ace train] semantic encoder: attribute probe accuracy {accuracy['overall']:.3f} on "
+          f"{len(probe)} validation faces")
+    return accuracy
+
+
 class EstimateCallback(TrainerCallback):
     """Prints the measured time per step and the estimate for the run after a few steps (the first excluded: it
     includes the warm-up)."""
@@ -260,7 +309,8 @@ def tokenizer_dir(args: RecipeArguments) -> Path:
 
 
 def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: list[dict[str, Any]]):
-    """Stage 2: the unified MMU + T2I training; returns the trainer after saving `output_dir/final`."""
+    """Stage 2: the semantic encoder's pretraining (skipped on resume), then the unified MMU + T2I training; returns
+    the trainer after saving `output_dir/final`, and the encoder's probe accuracy (None when skipped)."""
     from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -278,6 +328,10 @@ def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: l
         processor = build_processor(config, examples)
         processor.save_pretrained(output / "processor")
     model = build_model(config, tokenizer_dir(args), args.seed)
+    semantic_probe = None  # on resume the checkpoint holds the pretrained encoder, and the run folder its probe
+    if resume_from is None:
+        (output / SEMANTIC_PROBE_FILE).unlink(missing_ok=True)
+        semantic_probe = pretrain_semantic_encoder(args, model, processor, examples)
     training_args = TrainingArguments(
         output_dir=str(checkpoints), max_steps=args.model_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, lr_scheduler_type="cosine",
@@ -298,7 +352,9 @@ def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: l
     # the recipe's arguments replace the Trainer's pickled training_args.bin: the folder is meant to be published
     (final / "training_args.bin").unlink(missing_ok=True)
     (final / RECIPE_ARGS_FILE).write_text(json.dumps(asdict(args), indent=2))
-    return trainer
+    if (output / SEMANTIC_PROBE_FILE).is_file():
+        shutil.copy(output / SEMANTIC_PROBE_FILE, final / SEMANTIC_PROBE_FILE)
+    return trainer, semantic_probe
 
 
 def run_recipe(args: RecipeArguments) -> RecipeResult:
@@ -322,7 +378,7 @@ def run_recipe(args: RecipeArguments) -> RecipeResult:
             raise ValueError(f"stage model needs the trained tokenizer in {tokenizer_dir(args)}: run --stage vq first "
                              "(or pass the vq folder of another run)")
         start = time.perf_counter()
-        trainer = train_model_stage(args, config, examples)
+        trainer, result.semantic_probe = train_model_stage(args, config, examples)
         result.seconds["model"] = time.perf_counter() - start
         result.final_dir = output / "final"
         result.log_history = trainer.state.log_history
@@ -517,11 +573,16 @@ def training_summary(recipe: dict[str, Any]) -> str:
         ablation.append(f"`--d3diff-alpha {recipe['d3diff_alpha']}`")
     if not recipe.get("moe", True):
         ablation.append("`--no-moe`")
+    semantic = ""
+    if recipe.get("semantic_steps") and recipe.get("moe", True):
+        semantic = (f"the semantic (CLIP) encoder on the training faces' attributes for {recipe['semantic_steps']:,} "
+                    f"steps (batch {recipe['semantic_batch_size']}; then frozen, our stand-in for a pretrained CLIP), ")
     return (
         f"Trained on this package's SynthFace (procedural faces, {recipe['num_train']:,} training faces, seed "
         f"{recipe['seed']}) by `unif2ace train` with the `{recipe['config']}` preset"
         f"{' and ' + ', '.join(ablation) if ablation else ''}: the image tokenizer for {recipe['vq_steps']:,} steps "
-        f"(batch {recipe['vq_batch_size']}, AdamW {recipe['vq_lr']:g}, cosine), then the model for "
+        f"(batch {recipe['vq_batch_size']}, AdamW {recipe['vq_lr']:g}, cosine), "
+        f"{semantic}then the model for "
         f"{recipe['model_steps']:,} steps (batch {recipe['batch_size']}, AdamW {recipe['lr']:g}, cosine, "
         f"{recipe['t2i_fraction']:.0%} generation / {1 - recipe['t2i_fraction']:.0%} understanding records), "
         "on a 2-core CPU. The evaluation metrics come from `unif2ace eval` on the held-out test split."

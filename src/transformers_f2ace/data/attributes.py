@@ -11,6 +11,7 @@ that they never come closer than `MIN_COLOUR_DISTANCE` in RGB, so each colour st
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import numpy as np
@@ -18,6 +19,13 @@ import numpy as np
 
 Attributes = dict[str, Optional[str]]
 RGB = tuple[int, int, int]
+
+# Categories `apply_occlusion` can set to None (see its rules): classifiers over attributes give them an extra
+# "not visible" class (`attribute_labels`).
+NULLABLE = (
+    "hair_colour", "hair_length", "hair_style", "bangs", "eye_colour", "eyes_closed", "beard", "moustache",
+    "stubble", "glasses", "hat_colour", "lipstick", "smiling", "mouth_open",
+)
 
 # Category -> values. For categories that can be absent, the first value is the absent/default one ("no", "none").
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
@@ -282,6 +290,23 @@ def validate_attributes(attributes: Attributes) -> None:
     for name, is_needed in needed.items():
         if is_needed and a[name] is None:
             raise ValueError(f"attributes[{name!r}] is None but this face shows it; accepted: {ATTRIBUTES[name]}")
+
+
+def attribute_labels(
+    attributes: Sequence[Attributes],
+    categories: Optional[Mapping[str, Sequence[str]]] = None,
+    nullable: Sequence[str] = NULLABLE,
+) -> dict[str, np.ndarray]:
+    """Attribute dicts -> category -> class indices, int64 (batch,): a value's index among `categories[name]`
+    (default `ATTRIBUTES`), and `len(values)` (the "not visible" class) for `None`, allowed only in `nullable`."""
+    categories = ATTRIBUTES if categories is None else categories
+    labels = {}
+    for name, values in categories.items():
+        if name not in nullable and any(a[name] is None for a in attributes):
+            raise ValueError(f"attributes[{name!r}] is None but {name!r} is not in nullable")
+        labels[name] = np.array([len(values) if a[name] is None else list(values).index(a[name]) for a in attributes],
+                                dtype=np.int64)
+    return labels
 
 
 def visible_attributes(attributes: Attributes) -> dict[str, str]:

@@ -16,16 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..data import ATTRIBUTES
+from ..data import ATTRIBUTES, NULLABLE, attribute_labels
 
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# Categories `apply_occlusion` can set to None (see its rules); they get an extra "not visible" class.
-NULLABLE = (
-    "hair_colour", "hair_length", "hair_style", "bangs", "eye_colour", "eyes_closed", "beard", "moustache",
-    "stubble", "glasses", "hat_colour", "lipstick", "smiling", "mouth_open",
-)
 
 ImageLike = Union[Image.Image, np.ndarray]
 
@@ -107,16 +102,8 @@ class FaceJudge(nn.Module):
 
     def encode_labels(self, attributes: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Attribute dicts -> category -> class indices (batch,); `None` -> the "not visible" class."""
-        labels = {}
-        for name, values in self.config.categories.items():
-            indices = []
-            for a in attributes:
-                value = a[name]
-                if value is None and name not in self.config.nullable:
-                    raise ValueError(f"attributes[{name!r}] is None but {name!r} is not in config.nullable")
-                indices.append(len(values) if value is None else values.index(value))
-            labels[name] = torch.tensor(indices, dtype=torch.long)
-        return labels
+        labels = attribute_labels(attributes, self.config.categories, self.config.nullable)
+        return {name: torch.from_numpy(indices) for name, indices in labels.items()}
 
     def decode(self, logits: dict[str, torch.Tensor]) -> list[dict[str, Optional[str]]]:
         """Logits -> one attribute dict per image (`None` where the judge sees the category as not visible)."""

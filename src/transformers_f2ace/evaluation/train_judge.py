@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..data import make_example
+from ..training.optimizer_step import optimizer_step
 from .judge import FaceJudge, FaceJudgeConfig
 from .metrics import attribute_accuracy
 
@@ -57,12 +58,7 @@ def train(args: argparse.Namespace) -> dict:
                 x = (x + args.noise * torch.randn_like(x)).clamp(0, 1)
                 logits = model(x)
                 loss = sum(F.cross_entropy(logits[name], labels[name][batch]) for name in logits) / len(logits)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                optimizer_step(loss, optimizer, schedule, bar)
     train_seconds = time.time() - start
     model.eval()
     model.save_pretrained(args.output)

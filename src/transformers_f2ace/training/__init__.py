@@ -1,4 +1,5 @@
-"""Training utilities: the mixed MMU + T2I collator and Trainer, the VQ tokenizer's training loop.
+"""Training utilities: the mixed MMU + T2I collator and Trainer, the VQ tokenizer's training loop, the semantic
+encoder's attribute pretraining.
 
 Exports load lazily, so that importing one utility does not import `transformers.Trainer`.
 """
@@ -11,6 +12,8 @@ _EXPORTS = {
     "StepSeededCollator": ".collator",
     "UniF2aceTrainer": ".trainer",
     "StepSeedCallback": ".trainer",
+    "train_semantic_encoder": ".semantic",
+    "probe_accuracy": ".semantic",
 }
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..modeling_unif2ace_vq import UniF2aceVQModel
+from .optimizer_step import optimizer_step
 
 _LOSS_NAMES = ("loss", "reconstruction_loss", "commitment_loss", "entropy_loss")
 LR_SCHEDULES = ("constant", "cosine")
@@ -119,15 +120,9 @@ def train_vq(
             indices, order = order[:batch_size], order[batch_size:]
             pixel_values = _to_pixel_values(data[indices], model.dtype, model.device)
             output = model(pixel_values, return_loss=True)
-            optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            scheduler.step()
             losses = {name: output[name].item() for name in _LOSS_NAMES}
-            bar.set_postfix(loss=f"{losses['loss']:.4f}", rec=f"{losses['reconstruction_loss']:.4f}")
-            bar.update()
+            optimizer_step(output.loss, optimizer, scheduler, bar, model.parameters(), max_grad_norm,
+                           postfix={"loss": f"{losses['loss']:.4f}", "rec": f"{losses['reconstruction_loss']:.4f}"})
     model.eval()
     if output_dir is not None:
         model.save_pretrained(output_dir)
