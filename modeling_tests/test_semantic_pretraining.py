@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from transformers_f2ace import UniF2aceConfig
-from transformers_f2ace.data import ATTRIBUTES, NULLABLE, attribute_labels, make_example
+from transformers_f2ace.data import ATTRIBUTES, NULLABLE, attribute_class_counts, attribute_labels, make_example
 from transformers_f2ace.image_processing_unif2ace import UniF2aceImageProcessor
 from transformers_f2ace.modeling_unif2ace_encoders import UniF2aceFeatureEncoders
 from transformers_f2ace.training import probe_accuracy, train_semantic_encoder
@@ -29,6 +29,9 @@ def test_attribute_labels_index_values_and_mark_hidden_ones():
             assert index == (len(values) if face[name] is None else values.index(face[name]))
     hidden = {name for name in ATTRIBUTES for face in attributes if face[name] is None}
     assert hidden and hidden <= set(NULLABLE)
+    counts = attribute_class_counts()  # the "not visible" class only where a category can be hidden
+    assert counts == {name: len(values) + (name in NULLABLE) for name, values in ATTRIBUTES.items()}
+    assert all(labels[name].max() < counts[name] for name in ATTRIBUTES)
     with pytest.raises(ValueError, match="'face_shape' is not in nullable"):
         attribute_labels([{**attributes[0], "face_shape": None}])
 
@@ -40,7 +43,7 @@ def test_pretraining_learns_attributes_and_leaves_the_tower_frozen():
     encoder = UniF2aceFeatureEncoders(config).semantic_encoder
     initial = {name: tensor.clone() for name, tensor in encoder.state_dict().items()}
     pixels, labels = faces("train", 256, processor)
-    num_classes = {name: len(ATTRIBUTES[name]) + (name in NULLABLE) for name in CATEGORIES}
+    num_classes = {name: count for name, count in attribute_class_counts().items() if name in CATEGORIES}
     heads, loss = train_semantic_encoder(encoder, pixels, labels, num_classes, steps=150, batch_size=32, lr=3e-3,
                                          progress=False)
 

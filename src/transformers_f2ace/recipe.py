@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from .configuration_unif2ace import UniF2aceConfig
-from .data import ABSENT_VALUE, ATTRIBUTES, NULLABLE, attribute_labels, conversation, make_example
+from .data import ABSENT_VALUE, attribute_class_counts, attribute_labels, conversation, make_example
 from .data.text import EXPRESSION_QUESTION, QUESTIONS, expression, vqa_pairs
 from .image_processing_unif2ace import UniF2aceImageProcessor
 from .modeling_unif2ace import UniF2aceForConditionalGeneration
@@ -262,7 +262,7 @@ def pretrain_semantic_encoder(args: RecipeArguments, model: UniF2aceForCondition
         return {name: torch.from_numpy(values) for name, values in indices.items()}
 
     layer = model.config.moe_config.semantic_feature_layer
-    num_classes = {name: len(values) + (name in NULLABLE) for name, values in ATTRIBUTES.items()}
+    num_classes = attribute_class_counts()
     heads, _ = train_semantic_encoder(
         encoders.semantic_encoder, views(examples), labels(examples), num_classes, feature_layer=layer,
         steps=args.semantic_steps, batch_size=args.semantic_batch_size, lr=args.semantic_lr, seed=args.seed,

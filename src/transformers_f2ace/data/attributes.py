@@ -292,6 +292,15 @@ def validate_attributes(attributes: Attributes) -> None:
             raise ValueError(f"attributes[{name!r}] is None but this face shows it; accepted: {ATTRIBUTES[name]}")
 
 
+def attribute_class_counts(
+    categories: Optional[Mapping[str, Sequence[str]]] = None, nullable: Sequence[str] = NULLABLE
+) -> dict[str, int]:
+    """Category -> number of classes of a classifier over it: its values (default `ATTRIBUTES`), plus the "not
+    visible" class for the `nullable` ones (the labels of `attribute_labels`)."""
+    categories = ATTRIBUTES if categories is None else categories
+    return {name: len(values) + (name in nullable) for name, values in categories.items()}
+
+
 def attribute_labels(
     attributes: Sequence[Attributes],
     categories: Optional[Mapping[str, Sequence[str]]] = None,

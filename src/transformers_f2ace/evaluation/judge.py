@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..data import ATTRIBUTES, NULLABLE, attribute_labels
+from ..data import ATTRIBUTES, NULLABLE, attribute_class_counts, attribute_labels
 
 
 CONFIG_NAME = "config.json"
@@ -53,7 +53,7 @@ class FaceJudgeConfig:
 
     def num_classes(self, category: str) -> int:
         """Number of classes of a category's head (values, plus one if it can be hidden)."""
-        return len(self.categories[category]) + (category in self.nullable)
+        return attribute_class_counts({category: self.categories[category]}, self.nullable)[category]
 
     def to_dict(self) -> dict:
         return {**asdict(self), "channels": list(self.channels)}
