@@ -1,0 +1,165 @@
+"""Does a UniF²ace model use its semantic (CLIP) features? The diagnostics behind the README's "What limits it".
+
+    PYTHONPATH=src python docs/diagnostics/semantic_features.py knockout src/transformers_f2ace/pretrained/unif2ace-synthface
+    PYTHONPATH=src python docs/diagnostics/semantic_features.py mmu-run --vq-dir runs/main/vq [--open-gates] [--force-route]
+
+`knockout`: VQA exact match on the first `--num` test faces with the model's semantic tower, then with the tower's
+random initialisation (the recipe's seed-0 model) loaded over it; the largest change of the last logits when
+`semantic_pixel_values` is dropped; and, on 16 validation conversations, the understanding group's sequence routes
+per layer (how many conversations chose each expert, mean routing weight) and the mean feature-gate weight w of the
+hidden state on the image span for each feature expert.
+`mmu-run`: an understanding-only run of the recipe's model stage (pretrained tower, `--steps` steps on `--num-train`
+faces, AdamW 1e-3, 25 warm-up steps, cosine), optionally with the CLIP gates initialised open (bias [-1.5, 1.5]: w
+starts near 0.05) and every understanding sequence forced through (copy, CLIP) at 0.5 / 0.5 in every layer; then
+`knockout` on the result.
+"""
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_schedule_with_warmup
+
+from transformers_f2ace import UniF2aceForConditionalGeneration
+from transformers_f2ace.modeling_unif2ace_encoders import UniF2aceSequenceMoeBlock
+from transformers_f2ace.recipe import (RecipeArguments, build_model, build_processor, evaluate_understanding,
+                                       mixed_records, pretrain_semantic_encoder, recipe_config, synthface_examples)
+from transformers_f2ace.training import UniF2aceDataCollator
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "semantic_pixel_values", "identity_pixel_values")
+
+
+def sequence_blocks(model):
+    return [module for module in model.modules() if isinstance(module, UniF2aceSequenceMoeBlock)]
+
+
+@torch.no_grad()
+def routes_and_gates(model, processor) -> list[dict]:
+    """Per layer: expert kind -> (conversations that chose it, mean weight), and feature kind -> mean gate w."""
+    records = mixed_records(synthface_examples(16, model.config.vq_config.resolution, 0, "validation"), 0.0, 0.0, 4)
+    batch = UniF2aceDataCollator.from_config(processor, model.config, seed=0)(records)
+    seen = []
+
+    def record(block, args, kwargs, output):
+        hidden, features = args[0], (args[3] if len(args) > 3 else kwargs.get("features")) or {}
+        weights, index = output[2]
+        kinds = block.expert_kinds[: block.experts_per_group]
+        layer = {"routes": {f"{e}:{kind}": [int((index == e).sum()), round(float(weights[index == e].mean()), 2)]
+                            for e, kind in enumerate(kinds) if (index == e).any()}}
+        for key, gate in block.feature_gates.items():
+            kind = block.expert_kinds[int(key)]
+            if int(key) < block.experts_per_group and kind in features:
+                span = features[kind].abs().sum(-1) > 0
+                layer[f"gate w {kind}"] = round(float(gate(hidden).float().softmax(-1)[..., 0][span].mean()), 3)
+        seen.append(layer)
+
+    hooks = [block.register_forward_hook(record, with_kwargs=True) for block in sequence_blocks(model)]
+    try:
+        model.model(**{name: batch[name] for name in MODEL_INPUTS if name in batch})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@torch.no_grad()
+def logit_change_without_semantic_view(model, processor, faces) -> float:
+    conversations = [{"role": "user", "content": [{"type": "image", "image": face["image"]},
+                                                  {"type": "text", "text": face["qa"][0]}]} for face in faces[:4]]
+    inputs = processor.apply_chat_template([[turn] for turn in conversations], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True, return_tensors="pt")
+    full = model(**inputs).logits[:, -1]
+    without = model(**{k: v for k, v in inputs.items() if k != "semantic_pixel_values"}).logits[:, -1]
+    return float((full - without).abs().max())
+
+
+def knockout(model, processor, num: int) -> dict:
+    model.eval()
+    faces = synthface_examples(num, model.config.vq_config.resolution, 0, "test")
+    report = {"routes_and_gates": routes_and_gates(model, processor),
+              "max_logit_change_without_semantic_view": logit_change_without_semantic_view(model, processor, faces),
+              "vqa_trained_tower": evaluate_understanding(model, processor, faces)["vqa_overall"]}
+    torch.manual_seed(0)
+    initial = UniF2aceForConditionalGeneration(model.config).model.feature_encoders.semantic_encoder
+    model.model.feature_encoders.semantic_encoder.load_state_dict(initial.state_dict())
+    report["vqa_random_tower"] = evaluate_understanding(model, processor, faces)["vqa_overall"]
+    return report
+
+
+def open_gates_and_force_route(model, open_gates: bool, force_route: bool) -> None:
+    for block in sequence_blocks(model):
+        kinds = block.expert_kinds[: block.experts_per_group]
+        if open_gates:
+            for key, gate in list(block.feature_gates.items()):
+                if block.expert_kinds[int(key)] == "clip":
+                    opened = torch.nn.Linear(gate.in_features, 2, bias=True)
+                    with torch.no_grad():
+                        opened.weight.copy_(gate.weight)
+                        opened.bias.copy_(torch.tensor([-1.5, 1.5]))
+                    block.feature_gates[key] = opened
+        if force_route:
+            chosen = torch.tensor([kinds.index("copy"), kinds.index("clip")])
+
+            def route(hidden_states, task_ids, token_mask=None, _route=block.route, _chosen=chosen):
+                logits, (weights, index) = _route(hidden_states, task_ids, token_mask)
+                mmu = (task_ids == 0)[:, None]
+                return logits, (torch.where(mmu, torch.full_like(weights, 0.5), weights),
+                                torch.where(mmu, _chosen.to(index.device), index))
+
+            block.route = route
+
+
+def mmu_run(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as output:
+        recipe = RecipeArguments(output_dir=output, stage="model", semantic_steps=args.semantic_steps, progress=False)
+        config = recipe_config(recipe)
+        faces = synthface_examples(args.num_train, config.vq_config.resolution, 0)
+        processor = build_processor(config, faces)
+        model = build_model(config, Path(args.vq_dir), 0)
+        pretrain_semantic_encoder(recipe, model, processor, faces)
+    open_gates_and_force_route(model, args.open_gates, args.force_route)
+    records = mixed_records(faces, 0.0, recipe.describe_fraction, recipe.questions_per_record)
+    collator = UniF2aceDataCollator.from_config(processor, config, seed=0)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(25, args.steps), args.steps)
+    order = np.random.default_rng(0).permutation(len(records) * (1 + 16 * args.steps // len(records))) % len(records)
+    model.train()
+    for step in range(args.steps):
+        loss = model(**collator([records[i] for i in order[16 * step:16 * (step + 1)]])).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    return knockout(model, processor, args.num)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    knock = commands.add_parser("knockout")
+    knock.add_argument("model_dir")
+    run = commands.add_parser("mmu-run")
+    run.add_argument("--vq-dir", required=True, help="a trained tokenizer (a recipe run's vq folder)")
+    run.add_argument("--steps", type=int, default=300)
+    run.add_argument("--num-train", type=int, default=6000)
+    run.add_argument("--semantic-steps", type=int, default=1500)
+    run.add_argument("--open-gates", action="store_true")
+    run.add_argument("--force-route", action="store_true")
+    for command in (knock, run):
+        command.add_argument("--num", type=int, default=40, help="test faces for VQA")
+    args = parser.parse_args()
+    if args.command == "knockout":
+        model = AutoModelForImageTextToText.from_pretrained(args.model_dir)
+        report = knockout(model, AutoProcessor.from_pretrained(args.model_dir), args.num)
+    else:
+        report = mmu_run(args)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
