@@ -16,10 +16,14 @@ from transformers_f2ace.recipe import (
     DESCRIBE_QUESTION,
     SEMANTIC_PROBE_FILE,
     RecipeArguments,
+    answer_prior,
+    attribute_questions,
     build_model,
     caption_mentions,
+    check_records_fit,
     mixed_records,
     normalise_answer,
+    recipe_config,
     run_recipe,
 )
 
@@ -102,6 +106,32 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_run, tmp_path):
         run_recipe(RecipeArguments(output_dir=str(tmp_path), resume=True, **{**TINY_RUN, "stage": "model"}))
 
 
+def test_conversations_too_long_for_the_model_fail_before_training(tiny_run, tmp_path):
+    output, _ = tiny_run
+    # 30 questions of ~10 tokens + 16 image tokens exceed the tiny preset's 256 positions
+    args = RecipeArguments(output_dir=str(tmp_path), **{**TINY_RUN, "stage": "model", "vq_dir": str(output / "vq"),
+                                                         "questions_per_record": 30, "describe_fraction": 0.0})
+    with pytest.raises(ValueError, match="does not fit the model.*lower questions_per_record"):
+        run_recipe(args)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / SEMANTIC_PROBE_FILE).exists()
+    # with the recipe's 4 questions the same faces fit
+    processor = AutoProcessor.from_pretrained(tmp_path / "processor")
+    faces = [make_example("train", index, size=32) for index in range(16)]
+    check_records_fit(mixed_records(faces, 0.5, 0.0, 4), processor, recipe_config(args))
+
+
+def test_answer_prior_is_the_majority_answer_of_training_faces():
+    prior = answer_prior(num=300)
+    # rare accessories and features are mostly absent, so "no" / "none" is their majority answer
+    assert prior["bald"] == prior["sunglasses"] == prior["mask"] == "no"
+    assert prior["glasses"] == prior["hat"] == "none"
+    assert {"eye_colour", "hair_colour", "skin_tone", "expression"} <= set(prior)
+    # the prior of a balanced category is one of its values
+    assert prior["skin_tone"] in ATTRIBUTES["skin_tone"]
+    with pytest.raises(ValueError):
+        answer_prior(num=0)
+
+
 def test_eval_cli_writes_table_and_json_with_scores_in_unit_interval(tiny_run, tmp_path, capsys):
     from transformers_f2ace.evaluation import FaceJudge, FaceJudgeConfig
 
@@ -137,6 +167,15 @@ def test_eval_cli_writes_table_and_json_with_scores_in_unit_interval(tiny_run, t
     assert 0.0 <= generation["tokenizer_ceiling"] <= 1.0 and "the ceiling of generation" in table
     assert "real-vs-real floor at this size" in table
     assert "| hair_colour |" in table or "| hat |" in table
+    # the majority-answer baseline: one entry per attribute asked, each the share of questions whose answer is the prior's
+    prior = answer_prior()
+    assert set(understanding["vqa_prior"]) == set(understanding["vqa_accuracy"])
+    truths = {}
+    for index in range(2):
+        for name, _, answer in attribute_questions(make_example("test", index, size=32)["attributes"]):
+            truths.setdefault(name, []).append(normalise_answer(answer) == prior[name])
+    assert understanding["vqa_prior"] == pytest.approx({name: sum(hits) / len(hits) for name, hits in truths.items()})
+    assert "majority-answer baseline" in table
     assert "Caption attribute recall" in table and "Fréchet distance" in table
 
 

@@ -17,6 +17,7 @@ from transformers_f2ace.data import (
     SPLIT_SEED_OFFSET,
     apply_occlusion,
     caption,
+    example_attributes,
     example_seed,
     load_synthface,
     make_example,
@@ -139,6 +140,9 @@ def test_render_is_deterministic_and_seeded():
     others = [make_example("train", i)["image"].tobytes() for i in range(4, 12)]
     assert first["image"].tobytes() not in others
     assert make_example("train", 3, seed=1)["attributes"] != first["attributes"]
+    # the attributes alone, without rendering, are the example's
+    for split, index, seed in (("train", 3, 0), ("train", 3, 1), ("test", 7, 0)):
+        assert example_attributes(split, index, seed) == make_example(split, index, size=16, seed=seed)["attributes"]
     image = first["image"]
     assert image.mode == "RGB" and image.size == (64, 64)
 

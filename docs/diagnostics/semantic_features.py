@@ -2,16 +2,20 @@
 
     PYTHONPATH=src python docs/diagnostics/semantic_features.py knockout src/transformers_f2ace/pretrained/unif2ace-synthface
     PYTHONPATH=src python docs/diagnostics/semantic_features.py mmu-run --vq-dir runs/main/vq [--open-gates] [--force-route]
+        [--projector mlp] [--questions-per-record 10]
 
 `knockout`: VQA exact match on the first `--num` test faces with the model's semantic tower, then with the tower's
 random initialisation (the recipe's seed-0 model) loaded over it; the largest change of the last logits when
 `semantic_pixel_values` is dropped; and, on 16 validation conversations, the understanding group's sequence routes
 per layer (how many conversations chose each expert, mean routing weight) and the mean feature-gate weight w of the
-hidden state on the image span for each feature expert.
+hidden state on the image span for each feature expert; the share of the CLIP resampler's output energy that varies
+between 64 validation faces (0: a constant, whatever the face); and the majority-answer baseline's accuracy.
 `mmu-run`: an understanding-only run of the recipe's model stage (pretrained tower, `--steps` steps on `--num-train`
 faces, AdamW 1e-3, 25 warm-up steps, cosine), optionally with the CLIP gates initialised open (bias [-1.5, 1.5]: w
-starts near 0.05) and every understanding sequence forced through (copy, CLIP) at 0.5 / 0.5 in every layer; then
-`knockout` on the result.
+starts near 0.05), every understanding sequence forced through (copy, CLIP) at 0.5 / 0.5 in every layer, the
+Perceiver resampler of the CLIP features replaced by an LLaVA-style MLP projector (`--projector mlp`: two linear
+layers with GELU and a LayerNorm on each patch token, nearest-upsampled from the patch grid to the image-token grid)
+and another number of questions per conversation; then `knockout` on the result.
 """
 
 import argparse
@@ -21,15 +25,44 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_schedule_with_warmup
 
 from transformers_f2ace import UniF2aceForConditionalGeneration
 from transformers_f2ace.modeling_unif2ace_encoders import UniF2aceSequenceMoeBlock
-from transformers_f2ace.recipe import (RecipeArguments, build_model, build_processor, evaluate_understanding,
-                                       mixed_records, pretrain_semantic_encoder, recipe_config, synthface_examples)
+from transformers_f2ace.recipe import (RecipeArguments, answer_prior, build_model, build_processor,
+                                       evaluate_understanding, mixed_records, pretrain_semantic_encoder, recipe_config,
+                                       synthface_examples)
 from transformers_f2ace.training import UniF2aceDataCollator
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "semantic_pixel_values", "identity_pixel_values")
+
+
+class MlpProjector(torch.nn.Module):
+    """(B, P, D) patch tokens on a square grid -> (B, N, H) on the square image-token grid (N a multiple of P)."""
+
+    def __init__(self, input_dim: int, hidden_size: int, num_outputs: int):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(input_dim, hidden_size)
+        self.fc2 = torch.nn.Linear(hidden_size, hidden_size)
+        self.norm = torch.nn.LayerNorm(hidden_size)
+        self.side = round(num_outputs**0.5)
+
+    def forward(self, inputs):
+        projected = self.norm(self.fc2(F.gelu(self.fc1(inputs))))
+        batch, patches, hidden = projected.shape
+        grid = projected.transpose(1, 2).reshape(batch, hidden, round(patches**0.5), -1)
+        return F.interpolate(grid, size=(self.side, self.side), mode="nearest").flatten(2).transpose(1, 2)
+
+
+@torch.no_grad()
+def image_dependent_share(model, processor) -> float:
+    """Share of the CLIP resampler output's energy that varies between 64 validation faces."""
+    faces = synthface_examples(64, model.config.vq_config.resolution, 0, "validation")
+    pixels = processor.image_processor([face["image"] for face in faces], return_tensors="pt")["semantic_pixel_values"]
+    encoders = model.model.feature_encoders
+    features = encoders.resamplers["clip"](encoders.semantic_features(pixels))
+    return float((features - features.mean(0)).pow(2).mean() / features.pow(2).mean())
 
 
 def sequence_blocks(model):
@@ -79,9 +112,13 @@ def logit_change_without_semantic_view(model, processor, faces) -> float:
 def knockout(model, processor, num: int) -> dict:
     model.eval()
     faces = synthface_examples(num, model.config.vq_config.resolution, 0, "test")
+    understanding = evaluate_understanding(model, processor, faces, prior=answer_prior())
     report = {"routes_and_gates": routes_and_gates(model, processor),
               "max_logit_change_without_semantic_view": logit_change_without_semantic_view(model, processor, faces),
-              "vqa_trained_tower": evaluate_understanding(model, processor, faces)["vqa_overall"]}
+              "clip_feature_image_dependent_share": image_dependent_share(model, processor),
+              "vqa_majority_answer_baseline": understanding["vqa_prior_overall"],
+              "vqa_trained_tower": understanding["vqa_overall"],
+              "vqa_trained_tower_per_attribute": understanding["vqa_accuracy"]}
     torch.manual_seed(0)
     initial = UniF2aceForConditionalGeneration(model.config).model.feature_encoders.semantic_encoder
     model.model.feature_encoders.semantic_encoder.load_state_dict(initial.state_dict())
@@ -119,9 +156,13 @@ def mmu_run(args: argparse.Namespace) -> dict:
         faces = synthface_examples(args.num_train, config.vq_config.resolution, 0)
         processor = build_processor(config, faces)
         model = build_model(config, Path(args.vq_dir), 0)
+        if args.projector == "mlp":
+            encoders = model.model.feature_encoders
+            encoders.resamplers["clip"] = MlpProjector(encoders.semantic_dim, config.text_config.hidden_size,
+                                                       config.num_image_tokens)
         pretrain_semantic_encoder(recipe, model, processor, faces)
     open_gates_and_force_route(model, args.open_gates, args.force_route)
-    records = mixed_records(faces, 0.0, recipe.describe_fraction, recipe.questions_per_record)
+    records = mixed_records(faces, 0.0, recipe.describe_fraction, args.questions_per_record)
     collator = UniF2aceDataCollator.from_config(processor, config, seed=0)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
@@ -150,6 +191,8 @@ def main() -> None:
     run.add_argument("--semantic-steps", type=int, default=1500)
     run.add_argument("--open-gates", action="store_true")
     run.add_argument("--force-route", action="store_true")
+    run.add_argument("--projector", choices=("perceiver", "mlp"), default="perceiver")
+    run.add_argument("--questions-per-record", type=int, default=RecipeArguments.questions_per_record)
     for command in (knock, run):
         command.add_argument("--num", type=int, default=40, help="test faces for VQA")
     args = parser.parse_args()

@@ -16,6 +16,7 @@ recall) and, with an attribute judge (`transformers_f2ace.evaluation`), generati
 generated faces, Fréchet distance in the judge's feature space).
 """
 
+import collections
 import copy
 import importlib
 import json
@@ -34,7 +35,8 @@ from transformers import TrainerCallback
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from .configuration_unif2ace import UniF2aceConfig
-from .data import ABSENT_VALUE, attribute_class_counts, attribute_labels, conversation, make_example
+from .data import (ABSENT_VALUE, attribute_class_counts, attribute_labels, conversation, example_attributes,
+                   make_example)
 from .data.text import EXPRESSION_QUESTION, QUESTIONS, expression, vqa_pairs
 from .image_processing_unif2ace import UniF2aceImageProcessor
 from .modeling_unif2ace import UniF2aceForConditionalGeneration
@@ -308,6 +310,30 @@ def tokenizer_dir(args: RecipeArguments) -> Path:
     return Path(args.vq_dir) if args.vq_dir is not None else Path(args.output_dir) / "vq"
 
 
+def _record_text(record: dict[str, Any]) -> str:
+    if "caption" in record:
+        return record["caption"]
+    return " ".join(part.get("text") or "" for turn in record["messages"] for part in turn["content"])
+
+
+def check_records_fit(records: list[dict[str, Any]], processor: UniF2aceProcessor, config: UniF2aceConfig,
+                      num_longest: int = 8) -> None:
+    """Collate the `num_longest` records of each kind with the most text tokens (every record has one image, so they
+    are the longest sequences) and raise a ValueError if one does not fit the model: before training, not at the step
+    that first draws it."""
+    from .training import UniF2aceDataCollator
+
+    collator = UniF2aceDataCollator.from_config(processor, config, seed=0)
+    lengths = [len(ids) for ids in processor.tokenizer([_record_text(r) for r in records])["input_ids"]]
+    for kind in ("caption", "messages"):
+        longest = sorted((i for i, record in enumerate(records) if kind in record), key=lengths.__getitem__)
+        try:
+            collator([records[i] for i in longest[-num_longest:]])
+        except ValueError as error:
+            raise ValueError(f"A training record does not fit the model ({error}); lower questions_per_record or "
+                             "use a preset with longer max_position_embeddings") from error
+
+
 def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: list[dict[str, Any]]):
     """Stage 2: the semantic encoder's pretraining (skipped on resume), then the unified MMU + T2I training; returns
     the trainer after saving `output_dir/final`, and the encoder's probe accuracy (None when skipped)."""
@@ -327,6 +353,8 @@ def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: l
     else:
         processor = build_processor(config, examples)
         processor.save_pretrained(output / "processor")
+    records = mixed_records(examples, args.t2i_fraction, args.describe_fraction, args.questions_per_record, args.seed)
+    check_records_fit(records, processor, config)
     model = build_model(config, tokenizer_dir(args), args.seed)
     semantic_probe = None  # on resume the checkpoint holds the pretrained encoder, and the run folder its probe
     if resume_from is None:
@@ -341,9 +369,8 @@ def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: l
         disable_tqdm=not args.progress,
     )
     trainer = UniF2aceTrainer(
-        model=model, args=training_args, train_dataset=mixed_records(
-            examples, args.t2i_fraction, args.describe_fraction, args.questions_per_record, args.seed),
-        processing_class=processor, balance_loss=True, callbacks=[EstimateCallback(args.model_steps)],
+        model=model, args=training_args, train_dataset=records, processing_class=processor, balance_loss=True,
+        callbacks=[EstimateCallback(args.model_steps)],
     )
     trainer.train(resume_from_checkpoint=resume_from)
     final = output / "final"
@@ -441,10 +468,30 @@ def answer_questions(model, processor, image, questions: list[str], max_new_toke
             processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
 
 
-def evaluate_understanding(model, processor, examples: list[dict[str, Any]], max_new_tokens: int = 48
-                           ) -> dict[str, Any]:
-    """VQA exact-match accuracy per attribute (and overall, micro) and caption attribute recall (micro)."""
+def answer_prior(num: int = 2000, seed: int = 0) -> dict[str, str]:
+    """Attribute -> its most frequent (normalised) answer over the first `num` training faces: what a model answers
+    when it reads the question but not the image."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for index in range(num):
+        for name, _, answer in attribute_questions(example_attributes("train", index, seed)):
+            counts[name][normalise_answer(answer)] += 1
+    return {name: counter.most_common(1)[0][0] for name, counter in counts.items()}
+
+
+def _accuracies(correct: dict[str, list[int]]) -> tuple[dict[str, float], float]:
+    flat = [value for values in correct.values() for value in values]
+    return {name: sum(values) / len(values) for name, values in sorted(correct.items())}, sum(flat) / len(flat)
+
+
+def evaluate_understanding(model, processor, examples: list[dict[str, Any]], max_new_tokens: int = 48,
+                           prior: dict[str, str] | None = None) -> dict[str, Any]:
+    """VQA exact-match accuracy per attribute (and overall, micro) and caption attribute recall (micro); with
+    `prior` (an [`answer_prior`]), the same accuracies of always giving the prior's answer (`vqa_prior`,
+    `vqa_prior_overall`): the baseline that shows whether the model looks at the image."""
     correct: dict[str, list[int]] = {}
+    baseline: dict[str, list[int]] = {}
     hits = counted = 0
     for example in examples:
         items = attribute_questions(example["attributes"])
@@ -452,15 +499,16 @@ def evaluate_understanding(model, processor, examples: list[dict[str, Any]], max
                                    [question for _, question, _ in items] + [DESCRIBE_QUESTION], max_new_tokens)
         for (name, _, truth), answer in zip(items, answers):
             correct.setdefault(name, []).append(int(normalise_answer(answer) == normalise_answer(truth)))
+            if prior is not None:
+                baseline.setdefault(name, []).append(int(prior.get(name) == normalise_answer(truth)))
         face_hits, face_counted = caption_mentions(example["attributes"], answers[-1])
         hits, counted = hits + face_hits, counted + face_counted
-    flat = [value for values in correct.values() for value in values]
-    return {
-        "vqa_accuracy": {name: sum(values) / len(values) for name, values in sorted(correct.items())},
-        "vqa_overall": sum(flat) / len(flat),
-        "vqa_questions": len(flat),
-        "caption_recall": hits / counted if counted else 0.0,
-    }
+    accuracy, overall = _accuracies(correct)
+    report = {"vqa_accuracy": accuracy, "vqa_overall": overall, "vqa_questions": sum(map(len, correct.values())),
+              "caption_recall": hits / counted if counted else 0.0}
+    if prior is not None:
+        report["vqa_prior"], report["vqa_prior_overall"] = _accuracies(baseline)
+    return report
 
 
 @torch.no_grad()
@@ -512,7 +560,8 @@ def run_eval(model_dir: str, num: int = 50, split: str = "test", judge_dir: str 
     """Evaluate the checkpoint in `model_dir` on the first `num` SynthFace faces of `split`.
 
     `steps` are the MaskGIT steps of generation (default: the model config's); `max_new_tokens` bounds the answers.
-    Returns a dict: `understanding` (see [`evaluate_understanding`]) and `generation` (judged accuracy per
+    Returns a dict: `understanding` (see [`evaluate_understanding`]; with the majority-answer baseline of the first
+    2,000 training faces) and `generation` (judged accuracy per
     attribute and `overall`, `frechet_distance`, and `frechet_floor` against as many faces of another split) or
     `generation_skipped` (why)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -523,7 +572,8 @@ def run_eval(model_dir: str, num: int = 50, split: str = "test", judge_dir: str 
     processor = AutoProcessor.from_pretrained(model_dir)
     examples = synthface_examples(num, model.config.vq_config.resolution, seed, split)
     report: dict[str, Any] = {"model": str(model_dir), "split": split, "num_faces": num,
-                              "understanding": evaluate_understanding(model, processor, examples, max_new_tokens)}
+                              "understanding": evaluate_understanding(model, processor, examples, max_new_tokens,
+                                                                      prior=answer_prior(seed=seed))}
     if judge_dir is None:
         report["generation_skipped"] = "no --judge folder given"
         return report
@@ -604,7 +654,8 @@ def write_model_card(model_dir: str | Path, report: dict[str, Any], repo_id: str
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """The report as a markdown table: one row per attribute (VQA accuracy, judged generation accuracy)."""
+    """The report as a markdown table: one row per attribute (VQA accuracy, the majority-answer baseline when the
+    report has it, judged generation accuracy)."""
     understanding = report["understanding"]
     generation = report.get("generation", {}).get("judged_accuracy", {})
     names = sorted((set(understanding["vqa_accuracy"]) | set(generation)) - {"overall"})
@@ -612,9 +663,14 @@ def markdown_table(report: dict[str, Any]) -> str:
     def cell(table: dict[str, float], name: str) -> str:
         return f"{table[name]:.3f}" if name in table else "-"
 
-    lines = ["| attribute | VQA accuracy | generation accuracy (judge) |", "|---|---|---|"]
-    lines += [f"| {name} | {cell(understanding['vqa_accuracy'], name)} | {cell(generation, name)} |" for name in names]
-    lines.append(f"| **overall** | {understanding['vqa_overall']:.3f} | {cell(generation, 'overall')} |")
+    prior = understanding.get("vqa_prior", {})
+    lines = ["| attribute | VQA accuracy | VQA majority-answer baseline | generation accuracy (judge) |",
+             "|---|---|---|---|"]
+    vqa = understanding["vqa_accuracy"]
+    lines += [f"| {name} | {cell(vqa, name)} | {cell(prior, name)} | {cell(generation, name)} |" for name in names]
+    prior_overall = f"{understanding['vqa_prior_overall']:.3f}" if "vqa_prior_overall" in understanding else "-"
+    overall = f"{understanding['vqa_overall']:.3f}"
+    lines.append(f"| **overall** | {overall} | {prior_overall} | {cell(generation, 'overall')} |")
     lines.append("")
     lines.append(f"Caption attribute recall: {understanding['caption_recall']:.3f} "
                  f"({report['num_faces']} {report['split']} faces, {understanding['vqa_questions']} questions)")
@@ -633,10 +689,12 @@ def markdown_table(report: dict[str, Any]) -> str:
 __all__ = [
     "RecipeArguments",
     "RecipeResult",
+    "answer_prior",
     "attribute_questions",
     "build_model",
     "build_processor",
     "caption_mentions",
+    "check_records_fit",
     "evaluate_generation",
     "evaluate_understanding",
     "eval_results",

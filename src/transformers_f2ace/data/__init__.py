@@ -19,7 +19,8 @@ from .attributes import (
     visible_attributes,
 )
 from .render import GRID, render_face
-from .synthface import SPLIT_SEED_OFFSET, SPLITS, conversation, example_seed, load_synthface, make_example, save_gallery
+from .synthface import (SPLIT_SEED_OFFSET, SPLITS, conversation, example_attributes, example_seed, load_synthface,
+                        make_example, save_gallery)
 from .text import ANSWER_VOCABULARY, caption, expression, subject_noun, vqa_pairs
 
 
@@ -37,6 +38,7 @@ __all__ = [
     "attribute_labels",
     "caption",
     "conversation",
+    "example_attributes",
     "example_seed",
     "expression",
     "load_synthface",

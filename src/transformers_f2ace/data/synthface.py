@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .attributes import sample_attributes
+from .attributes import Attributes, sample_attributes
 from .render import render_face
 from .text import caption, vqa_pairs
 
@@ -36,9 +36,18 @@ def example_seed(split: str, index: int) -> int:
     return SPLIT_SEED_OFFSET[split] + index
 
 
+def _example_rng(split: str, index: int, seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, example_seed(split, index)])
+
+
+def example_attributes(split: str, index: int, seed: int = 0) -> Attributes:
+    """The attribute record of `make_example(split, index, seed=seed)` without rendering the face."""
+    return sample_attributes(_example_rng(split, index, seed), split=split)
+
+
 def make_example(split: str, index: int, size: int = 64, seed: int = 0) -> dict[str, Any]:
     """One SynthFace record: PIL `image`, `attributes` dict, `caption`, one `(question, answer)` as `qa`."""
-    rng = np.random.default_rng([seed, example_seed(split, index)])
+    rng = _example_rng(split, index, seed)
     attributes = sample_attributes(rng, split=split)
     pairs = vqa_pairs(attributes, rng)
     return {
