@@ -111,13 +111,14 @@ def test_conversations_too_long_for_the_model_fail_before_training(tiny_run, tmp
     # 30 questions of ~10 tokens + 16 image tokens exceed the tiny preset's 256 positions
     args = RecipeArguments(output_dir=str(tmp_path), **{**TINY_RUN, "stage": "model", "vq_dir": str(output / "vq"),
                                                          "questions_per_record": 30, "describe_fraction": 0.0})
-    with pytest.raises(ValueError, match="does not fit the model.*lower questions_per_record"):
+    with pytest.raises(ValueError, match="before training: A sequence has .* tokens.*lower questions_per_record"):
         run_recipe(args)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / SEMANTIC_PROBE_FILE).exists()
     # with the recipe's 4 questions the same faces fit
     processor = AutoProcessor.from_pretrained(tmp_path / "processor")
     faces = [make_example("train", index, size=32) for index in range(16)]
-    check_records_fit(mixed_records(faces, 0.5, 0.0, 4), processor, recipe_config(args))
+    for t2i_fraction in (0.5, 0.0, 1.0):  # both kinds, understanding only, generation only
+        check_records_fit(mixed_records(faces, t2i_fraction, 0.0, 4), processor, recipe_config(args))
 
 
 def test_answer_prior_is_the_majority_answer_of_training_faces():

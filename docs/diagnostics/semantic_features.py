@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python docs/diagnostics/semantic_features.py knockout src/transformers_f2ace/pretrained/unif2ace-synthface
     PYTHONPATH=src python docs/diagnostics/semantic_features.py mmu-run --vq-dir runs/main/vq [--open-gates] [--force-route]
-        [--projector mlp] [--questions-per-record 10]
+        [--projector mlp] [--questions-per-record 10] [--only-attribute smiling --num-train 3000 --steps 150 --num 120]
 
 `knockout`: VQA exact match on the first `--num` test faces with the model's semantic tower, then with the tower's
 random initialisation (the recipe's seed-0 model) loaded over it; the largest change of the last logits when
@@ -15,7 +15,8 @@ faces, AdamW 1e-3, 25 warm-up steps, cosine), optionally with the CLIP gates ini
 starts near 0.05), every understanding sequence forced through (copy, CLIP) at 0.5 / 0.5 in every layer, the
 Perceiver resampler of the CLIP features replaced by an LLaVA-style MLP projector (`--projector mlp`: two linear
 layers with GELU and a LayerNorm on each patch token, nearest-upsampled from the patch grid to the image-token grid)
-and another number of questions per conversation; then `knockout` on the result.
+and another number of questions per conversation; then `knockout` on the result. With `--only-attribute`, every
+record asks that attribute's first question alone, and the report is its accuracy on validation faces.
 """
 
 import argparse
@@ -30,9 +31,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_
 
 from transformers_f2ace import UniF2aceForConditionalGeneration
 from transformers_f2ace.modeling_unif2ace_encoders import UniF2aceSequenceMoeBlock
-from transformers_f2ace.recipe import (RecipeArguments, answer_prior, build_model, build_processor,
-                                       evaluate_understanding, mixed_records, pretrain_semantic_encoder, recipe_config,
-                                       synthface_examples)
+from transformers_f2ace.data import conversation
+from transformers_f2ace.data.text import QUESTIONS
+from transformers_f2ace.recipe import (RecipeArguments, answer_prior, answer_questions, build_model, build_processor,
+                                       evaluate_understanding, mixed_records, normalise_answer,
+                                       pretrain_semantic_encoder, recipe_config, synthface_examples)
 from transformers_f2ace.training import UniF2aceDataCollator
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "semantic_pixel_values", "identity_pixel_values")
@@ -149,6 +152,20 @@ def open_gates_and_force_route(model, open_gates: bool, force_route: bool) -> No
             block.route = route
 
 
+def single_question_accuracy(model, processor, attribute: str, num: int) -> dict:
+    """Greedy accuracy on `attribute`'s first question over the first `num` validation faces that show it, and the
+    share of the most frequent answer among them."""
+    model.eval()
+    faces = [face for face in synthface_examples(num, model.config.vq_config.resolution, 0, "validation")
+             if face["attributes"].get(attribute) is not None]
+    question = QUESTIONS[attribute][0]
+    hits = [normalise_answer(answer_questions(model, processor, face["image"], [question], 4)[0])
+            == normalise_answer(face["attributes"][attribute]) for face in faces]
+    answers = [face["attributes"][attribute] for face in faces]
+    return {"attribute": attribute, "faces": len(faces), "accuracy": float(np.mean(hits)),
+            "majority_share": max(answers.count(value) for value in set(answers)) / len(answers)}
+
+
 def mmu_run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as output:
         recipe = RecipeArguments(output_dir=output, stage="model", semantic_steps=args.semantic_steps, progress=False)
@@ -162,7 +179,12 @@ def mmu_run(args: argparse.Namespace) -> dict:
                                                        config.num_image_tokens)
         pretrain_semantic_encoder(recipe, model, processor, faces)
     open_gates_and_force_route(model, args.open_gates, args.force_route)
-    records = mixed_records(faces, 0.0, recipe.describe_fraction, args.questions_per_record)
+    if args.only_attribute is None:
+        records = mixed_records(faces, 0.0, recipe.describe_fraction, args.questions_per_record)
+    else:
+        question = QUESTIONS[args.only_attribute][0]
+        records = [{"image": face["image"], "messages": conversation(question, face["attributes"][args.only_attribute])}
+                   for face in faces if face["attributes"].get(args.only_attribute) is not None]
     collator = UniF2aceDataCollator.from_config(processor, config, seed=0)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
@@ -176,6 +198,8 @@ def mmu_run(args: argparse.Namespace) -> dict:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
+    if args.only_attribute is not None:
+        return single_question_accuracy(model, processor, args.only_attribute, args.num)
     return knockout(model, processor, args.num)
 
 
@@ -193,8 +217,10 @@ def main() -> None:
     run.add_argument("--force-route", action="store_true")
     run.add_argument("--projector", choices=("perceiver", "mlp"), default="perceiver")
     run.add_argument("--questions-per-record", type=int, default=RecipeArguments.questions_per_record)
+    run.add_argument("--only-attribute", choices=sorted(QUESTIONS),
+                     help="train on this attribute's first question alone; report its accuracy on validation faces")
     for command in (knock, run):
-        command.add_argument("--num", type=int, default=40, help="test faces for VQA")
+        command.add_argument("--num", type=int, default=40, help="test (--only-attribute: validation) faces")
     args = parser.parse_args()
     if args.command == "knockout":
         model = AutoModelForImageTextToText.from_pretrained(args.model_dir)

@@ -318,20 +318,23 @@ def _record_text(record: dict[str, Any]) -> str:
 
 def check_records_fit(records: list[dict[str, Any]], processor: UniF2aceProcessor, config: UniF2aceConfig,
                       num_longest: int = 8) -> None:
-    """Collate the `num_longest` records of each kind with the most text tokens (every record has one image, so they
-    are the longest sequences) and raise a ValueError if one does not fit the model: before training, not at the step
-    that first draws it."""
+    """Collate the `num_longest` records of each kind (T2I, MMU) with the most text tokens — every record has one
+    image, so they make the longest sequences — so that one the model cannot take fails before training, not at the
+    step that first draws it. Raises ValueError (the collator's reason, e.g. a sequence longer than the model's
+    positions)."""
     from .training import UniF2aceDataCollator
 
     collator = UniF2aceDataCollator.from_config(processor, config, seed=0)
     lengths = [len(ids) for ids in processor.tokenizer([_record_text(r) for r in records])["input_ids"]]
     for kind in ("caption", "messages"):
         longest = sorted((i for i, record in enumerate(records) if kind in record), key=lengths.__getitem__)
+        if not longest:
+            continue
         try:
             collator([records[i] for i in longest[-num_longest:]])
         except ValueError as error:
-            raise ValueError(f"A training record does not fit the model ({error}); lower questions_per_record or "
-                             "use a preset with longer max_position_embeddings") from error
+            raise ValueError(f"The longest training records cannot be collated, checked before training: {error} "
+                             "(conversations too long? lower questions_per_record)") from error
 
 
 def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: list[dict[str, Any]]):
