@@ -15,8 +15,9 @@ faces, AdamW 1e-3, 25 warm-up steps, cosine), optionally with the CLIP gates ini
 starts near 0.05), every understanding sequence forced through (copy, CLIP) at 0.5 / 0.5 in every layer, the
 Perceiver resampler of the CLIP features replaced by an LLaVA-style MLP projector (`--projector mlp`: two linear
 layers with GELU and a LayerNorm on each patch token, nearest-upsampled from the patch grid to the image-token grid)
-and another number of questions per conversation; then `knockout` on the result. With `--only-attribute`, every
-record asks that attribute's first question alone, and the report is its accuracy on validation faces.
+and another number of questions per conversation; then `knockout` on the result. With `--only-attribute A [B ...]`,
+every record asks one of those attributes' first question alone (face i: attribute i mod n), and the report is their
+accuracy on validation faces.
 """
 
 import argparse
@@ -166,6 +167,17 @@ def single_question_accuracy(model, processor, attribute: str, num: int) -> dict
             "majority_share": max(answers.count(value) for value in set(answers)) / len(answers)}
 
 
+def only_attribute_records(faces: list[dict], attributes: list[str]) -> list[dict]:
+    """One single-question record per face that shows the attribute: face i asks `attributes[i % len]`."""
+    records = []
+    for index, face in enumerate(faces):
+        attribute = attributes[index % len(attributes)]
+        if face["attributes"].get(attribute) is not None:
+            records.append({"image": face["image"],
+                            "messages": conversation(QUESTIONS[attribute][0], face["attributes"][attribute])})
+    return records
+
+
 def mmu_run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as output:
         recipe = RecipeArguments(output_dir=output, stage="model", semantic_steps=args.semantic_steps, progress=False)
@@ -182,9 +194,7 @@ def mmu_run(args: argparse.Namespace) -> dict:
     if args.only_attribute is None:
         records = mixed_records(faces, 0.0, recipe.describe_fraction, args.questions_per_record)
     else:
-        question = QUESTIONS[args.only_attribute][0]
-        records = [{"image": face["image"], "messages": conversation(question, face["attributes"][args.only_attribute])}
-                   for face in faces if face["attributes"].get(args.only_attribute) is not None]
+        records = only_attribute_records(faces, args.only_attribute)
     collator = UniF2aceDataCollator.from_config(processor, config, seed=0)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
@@ -199,7 +209,7 @@ def mmu_run(args: argparse.Namespace) -> dict:
         schedule.step()
         optimizer.zero_grad()
     if args.only_attribute is not None:
-        return single_question_accuracy(model, processor, args.only_attribute, args.num)
+        return [single_question_accuracy(model, processor, name, args.num) for name in args.only_attribute]
     return knockout(model, processor, args.num)
 
 
@@ -217,8 +227,9 @@ def main() -> None:
     run.add_argument("--force-route", action="store_true")
     run.add_argument("--projector", choices=("perceiver", "mlp"), default="perceiver")
     run.add_argument("--questions-per-record", type=int, default=RecipeArguments.questions_per_record)
-    run.add_argument("--only-attribute", choices=sorted(QUESTIONS),
-                     help="train on this attribute's first question alone; report its accuracy on validation faces")
+    run.add_argument("--only-attribute", choices=sorted(QUESTIONS), nargs="+",
+                     help="train on these attributes' first questions alone, one per record (face i asks attribute "
+                          "i mod n); report their accuracy on validation faces")
     for command in (knock, run):
         command.add_argument("--num", type=int, default=40, help="test (--only-attribute: validation) faces")
     args = parser.parse_args()
