@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python docs/diagnostics/semantic_features.py knockout src/transformers_f2ace/pretrained/unif2ace-synthface
     PYTHONPATH=src python docs/diagnostics/semantic_features.py mmu-run --vq-dir runs/main/vq [--open-gates] [--force-route]
-        [--projector mlp] [--questions-per-record 10] [--only-attribute smiling --num-train 3000 --steps 150 --num 120]
+        [--projector mlp] [--questions-per-record 10] [--steps 800]
+        [--only-attribute smiling [mouth_open] --num-train 3000 --steps 150 --num 120]
 
 `knockout`: VQA exact match on the first `--num` test faces with the model's semantic tower, then with the tower's
 random initialisation (the recipe's seed-0 model) loaded over it; the largest change of the last logits when
