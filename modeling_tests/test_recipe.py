@@ -166,6 +166,10 @@ def test_eval_cli_writes_table_and_json_with_scores_in_unit_interval(tiny_run, t
     assert math.isfinite(generation["frechet_distance"]) and generation["frechet_distance"] >= 0
     assert math.isfinite(generation["frechet_floor"]) and generation["frechet_floor"] >= 0
     assert 0.0 <= generation["tokenizer_ceiling"] <= 1.0 and "the ceiling of generation" in table
+    per_attribute = generation["tokenizer_ceiling_per_attribute"]
+    assert per_attribute["overall"] == generation["tokenizer_ceiling"]
+    assert set(per_attribute) == set(generation["judged_accuracy"])  # the same faces' categories, judged alike
+    assert all(0.0 <= value <= 1.0 for value in per_attribute.values()) and "tokenizer reconstructions |" in table
     assert "real-vs-real floor at this size" in table
     assert "| hair_colour |" in table or "| hat |" in table
     # the majority-answer baseline: one entry per attribute asked, each the share of questions whose answer is the prior's

@@ -22,6 +22,7 @@ accuracy on validation faces.
 """
 
 import argparse
+import collections
 import json
 import tempfile
 from pathlib import Path
@@ -33,9 +34,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_
 
 from transformers_f2ace import UniF2aceForConditionalGeneration
 from transformers_f2ace.modeling_unif2ace_encoders import UniF2aceSequenceMoeBlock
-from transformers_f2ace.data import conversation
+from transformers_f2ace.data import ATTRIBUTES, conversation
 from transformers_f2ace.data.text import QUESTIONS
-from transformers_f2ace.recipe import (RecipeArguments, answer_prior, answer_questions, build_model, build_processor,
+from transformers_f2ace.recipe import (RecipeArguments, answer_conversations, answer_prior, build_model, build_processor,
                                        evaluate_understanding, mixed_records, normalise_answer,
                                        pretrain_semantic_encoder, recipe_config, synthface_examples)
 from transformers_f2ace.training import UniF2aceDataCollator
@@ -154,28 +155,45 @@ def open_gates_and_force_route(model, open_gates: bool, force_route: bool) -> No
             block.route = route
 
 
-def single_question_accuracy(model, processor, attribute: str, num: int) -> dict:
+def single_question_accuracy(model, processor, attribute: str, num: int, question_first: bool) -> dict:
     """Greedy accuracy on `attribute`'s first question over the first `num` validation faces that show it, and the
     share of the most frequent answer among them."""
     model.eval()
     faces = [face for face in synthface_examples(num, model.config.vq_config.resolution, 0, "validation")
              if face["attributes"].get(attribute) is not None]
     question = QUESTIONS[attribute][0]
-    hits = [normalise_answer(answer_questions(model, processor, face["image"], [question], 4)[0])
+    hits = [normalise_answer(answer_conversations(model, processor, face["image"],
+                                                  [asked(question, None, question_first)[:-1]], 4)[0])
             == normalise_answer(face["attributes"][attribute]) for face in faces]
     answers = [face["attributes"][attribute] for face in faces]
     return {"attribute": attribute, "faces": len(faces), "accuracy": float(np.mean(hits)),
             "majority_share": max(answers.count(value) for value in set(answers)) / len(answers)}
 
 
-def only_attribute_records(faces: list[dict], attributes: list[str]) -> list[dict]:
-    """One single-question record per face that shows the attribute: face i asks `attributes[i % len]`."""
+def asked(question: str, answer: str | None, question_first: bool) -> list[dict]:
+    """A one-question conversation; `question_first`: the question also comes in a text-only user turn BEFORE the
+    image, so that the image tokens (which attend to every earlier position) can depend on it."""
+    messages = conversation(question, answer or "")
+    return [{"role": "user", "content": [{"type": "text", "text": question}]}, *messages] if question_first else messages
+
+
+def only_attribute_records(faces: list[dict], attributes: list[str], question_first: bool,
+                           balanced: bool = False) -> list[dict]:
+    """One single-question record per face that shows the attribute: face i asks `attributes[i % len]`. `balanced`:
+    face i asks the first attribute from there on whose answer on this face is among the rarest so far for that
+    attribute (the face is skipped if none is), so that every answer of every attribute is trained about equally."""
+    counts = {name: collections.Counter({value: 0 for value in ATTRIBUTES[name]}) for name in attributes}
     records = []
     for index, face in enumerate(faces):
-        attribute = attributes[index % len(attributes)]
-        if face["attributes"].get(attribute) is not None:
-            records.append({"image": face["image"],
-                            "messages": conversation(QUESTIONS[attribute][0], face["attributes"][attribute])})
+        start = index % len(attributes)
+        shown = [name for name in attributes[start:] + attributes[:start] if face["attributes"].get(name) is not None]
+        if balanced:
+            shown = [name for name in shown if counts[name][face["attributes"][name]] == min(counts[name].values())]
+        if not shown or (not balanced and shown[0] != attributes[start]):
+            continue
+        attribute, answer = shown[0], face["attributes"][shown[0]]
+        counts[attribute][answer] += 1
+        records.append({"image": face["image"], "messages": asked(QUESTIONS[attribute][0], answer, question_first)})
     return records
 
 
@@ -195,7 +213,7 @@ def mmu_run(args: argparse.Namespace) -> dict:
     if args.only_attribute is None:
         records = mixed_records(faces, 0.0, recipe.describe_fraction, args.questions_per_record)
     else:
-        records = only_attribute_records(faces, args.only_attribute)
+        records = only_attribute_records(faces, args.only_attribute, args.question_first, args.balanced)
     collator = UniF2aceDataCollator.from_config(processor, config, seed=0)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
@@ -210,7 +228,8 @@ def mmu_run(args: argparse.Namespace) -> dict:
         schedule.step()
         optimizer.zero_grad()
     if args.only_attribute is not None:
-        return [single_question_accuracy(model, processor, name, args.num) for name in args.only_attribute]
+        return [single_question_accuracy(model, processor, name, args.num, args.question_first)
+                for name in args.only_attribute]
     return knockout(model, processor, args.num)
 
 
@@ -231,6 +250,11 @@ def main() -> None:
     run.add_argument("--only-attribute", choices=sorted(QUESTIONS), nargs="+",
                      help="train on these attributes' first questions alone, one per record (face i asks attribute "
                           "i mod n); report their accuracy on validation faces")
+    run.add_argument("--balanced", action="store_true",
+                     help="with --only-attribute: every answer of every attribute about equally often (see "
+                          "`only_attribute_records`)")
+    run.add_argument("--question-first", action="store_true",
+                     help="with --only-attribute: ask each question also before the image (see `asked`)")
     for command in (knock, run):
         command.add_argument("--num", type=int, default=40, help="test (--only-attribute: validation) faces")
     args = parser.parse_args()

@@ -463,6 +463,12 @@ def answer_questions(model, processor, image, questions: list[str], max_new_toke
     """Greedy answers of `model` to `questions` about one image (one left-padded batch)."""
     conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
                      for question in questions]
+    return answer_conversations(model, processor, image, conversations, max_new_tokens)
+
+
+def answer_conversations(model, processor, image, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy replies of `model` to `conversations` (messages format, one image each: `image`; one left-padded
+    batch)."""
     texts, _ = render_jinja_template(conversations=conversations, chat_template=processor.chat_template,
                                      add_generation_prompt=True, **processor.tokenizer.special_tokens_map)
     inputs = processor(images=[image] * len(texts), text=texts, mode="mmu", return_tensors="pt")
@@ -515,9 +521,11 @@ def evaluate_understanding(model, processor, examples: list[dict[str, Any]], max
 
 
 @torch.no_grad()
-def reconstruction_accuracy(model, processor, examples: list[dict[str, Any]], judge, batch_size: int = 32) -> float:
-    """The judge's attribute accuracy on the examples' real faces after the model's image tokenizer (encode, decode):
-    the ceiling of generation accuracy, since every generated face is a decoded token grid."""
+def reconstruction_accuracy(model, processor, examples: list[dict[str, Any]], judge, batch_size: int = 32
+                            ) -> dict[str, float]:
+    """The judge's attribute accuracy on the examples' real faces after the model's image tokenizer (encode, decode),
+    per attribute and `overall`: the ceiling of generation accuracy, since every generated face is a decoded token
+    grid, and a rough one of what the image tokens tell the understanding path."""
     from .evaluation import attribute_accuracy
 
     reconstructed = []
@@ -527,7 +535,7 @@ def reconstruction_accuracy(model, processor, examples: list[dict[str, Any]], ju
         codes = model.model.encode_images(pixel_values.to(model.device))
         reconstructed += processor.image_processor.postprocess(model.decode_image_tokens(codes))
     scores = attribute_accuracy(judge.predict(reconstructed), [example["attributes"] for example in examples])
-    return scores["accuracy"]
+    return {**scores["per_category"], "overall": scores["accuracy"]}
 
 
 def evaluate_generation(model, processor, examples: list[dict[str, Any]], judge_dir: str, steps: int | None,
@@ -537,7 +545,8 @@ def evaluate_generation(model, processor, examples: list[dict[str, Any]], judge_
     the judge's features of generated and real faces; with `reference` (as many other real faces), also the
     real-vs-real floor `frechet_floor` (the distance between the examples' and the reference faces: the Fréchet
     distance is biased upwards at small sample sizes, so compare against this floor at the same size); and the
-    `tokenizer_ceiling` (see [`reconstruction_accuracy`]). Needs `transformers_f2ace.evaluation`."""
+    `tokenizer_ceiling` (overall; per attribute in `tokenizer_ceiling_per_attribute`, see
+    [`reconstruction_accuracy`]). Needs `transformers_f2ace.evaluation`."""
     from .evaluation import FaceJudge, attribute_accuracy, frechet_distance
 
     judge = FaceJudge.from_pretrained(judge_dir)
@@ -550,8 +559,9 @@ def evaluate_generation(model, processor, examples: list[dict[str, Any]], judge_
     scores = attribute_accuracy(judge.predict(generated), [example["attributes"] for example in examples])
     accuracy = {**scores["per_category"], "overall": scores["accuracy"]}
     real = judge.embed([example["image"] for example in examples])
+    ceiling = reconstruction_accuracy(model, processor, examples, judge)
     report = {"judged_accuracy": accuracy, "frechet_distance": float(frechet_distance(judge.embed(generated), real)),
-              "tokenizer_ceiling": reconstruction_accuracy(model, processor, examples, judge)}
+              "tokenizer_ceiling": ceiling["overall"], "tokenizer_ceiling_per_attribute": ceiling}
     if reference is not None:
         report["frechet_floor"] = float(frechet_distance(judge.embed([example["image"] for example in reference]),
                                                          real))
@@ -658,22 +668,25 @@ def write_model_card(model_dir: str | Path, report: dict[str, Any], repo_id: str
 
 def markdown_table(report: dict[str, Any]) -> str:
     """The report as a markdown table: one row per attribute (VQA accuracy, the majority-answer baseline when the
-    report has it, judged generation accuracy)."""
+    report has it, judged generation accuracy, the judge on tokenizer reconstructions when the report has it)."""
     understanding = report["understanding"]
     generation = report.get("generation", {}).get("judged_accuracy", {})
+    ceiling = report.get("generation", {}).get("tokenizer_ceiling_per_attribute", {})
     names = sorted((set(understanding["vqa_accuracy"]) | set(generation)) - {"overall"})
 
     def cell(table: dict[str, float], name: str) -> str:
         return f"{table[name]:.3f}" if name in table else "-"
 
     prior = understanding.get("vqa_prior", {})
-    lines = ["| attribute | VQA accuracy | VQA majority-answer baseline | generation accuracy (judge) |",
-             "|---|---|---|---|"]
+    lines = ["| attribute | VQA accuracy | VQA majority-answer baseline | generation accuracy (judge) "
+             "| judge on tokenizer reconstructions |", "|---|---|---|---|---|"]
     vqa = understanding["vqa_accuracy"]
-    lines += [f"| {name} | {cell(vqa, name)} | {cell(prior, name)} | {cell(generation, name)} |" for name in names]
+    lines += [f"| {name} | {cell(vqa, name)} | {cell(prior, name)} | {cell(generation, name)} | {cell(ceiling, name)} |"
+              for name in names]
     prior_overall = f"{understanding['vqa_prior_overall']:.3f}" if "vqa_prior_overall" in understanding else "-"
     overall = f"{understanding['vqa_overall']:.3f}"
-    lines.append(f"| **overall** | {overall} | {prior_overall} | {cell(generation, 'overall')} |")
+    lines.append(f"| **overall** | {overall} | {prior_overall} | {cell(generation, 'overall')} "
+                 f"| {cell(ceiling, 'overall')} |")
     lines.append("")
     lines.append(f"Caption attribute recall: {understanding['caption_recall']:.3f} "
                  f"({report['num_faces']} {report['split']} faces, {understanding['vqa_questions']} questions)")
