@@ -526,15 +526,20 @@ def reconstruction_accuracy(model, processor, examples: list[dict[str, Any]], ju
     """The judge's attribute accuracy on the examples' real faces after the model's image tokenizer (encode, decode),
     per attribute and `overall`: the ceiling of generation accuracy, since every generated face is a decoded token
     grid, and a rough one of what the image tokens tell the understanding path."""
-    from .evaluation import attribute_accuracy
-
     reconstructed = []
     for start in range(0, len(examples), batch_size):
         images = [example["image"] for example in examples[start:start + batch_size]]
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         codes = model.model.encode_images(pixel_values.to(model.device))
         reconstructed += processor.image_processor.postprocess(model.decode_image_tokens(codes))
-    scores = attribute_accuracy(judge.predict(reconstructed), [example["attributes"] for example in examples])
+    return judged_accuracy(judge, reconstructed, examples)
+
+
+def judged_accuracy(judge, images: list, examples: list[dict[str, Any]]) -> dict[str, float]:
+    """The judge's accuracy on `images` against the examples' attributes: per attribute and `overall`."""
+    from .evaluation import attribute_accuracy
+
+    scores = attribute_accuracy(judge.predict(images), [example["attributes"] for example in examples])
     return {**scores["per_category"], "overall": scores["accuracy"]}
 
 
@@ -547,7 +552,7 @@ def evaluate_generation(model, processor, examples: list[dict[str, Any]], judge_
     distance is biased upwards at small sample sizes, so compare against this floor at the same size); and the
     `tokenizer_ceiling` (overall; per attribute in `tokenizer_ceiling_per_attribute`, see
     [`reconstruction_accuracy`]). Needs `transformers_f2ace.evaluation`."""
-    from .evaluation import FaceJudge, attribute_accuracy, frechet_distance
+    from .evaluation import FaceJudge, frechet_distance
 
     judge = FaceJudge.from_pretrained(judge_dir)
     generator = torch.Generator().manual_seed(seed)
@@ -556,11 +561,10 @@ def evaluate_generation(model, processor, examples: list[dict[str, Any]], judge_
         prompts = [example["caption"] for example in examples[start:start + batch_size]]
         generated += model.generate_images(**processor(text=prompts, return_tensors="pt"), num_inference_steps=steps,
                                            generator=generator, progress=False)
-    scores = attribute_accuracy(judge.predict(generated), [example["attributes"] for example in examples])
-    accuracy = {**scores["per_category"], "overall": scores["accuracy"]}
     real = judge.embed([example["image"] for example in examples])
     ceiling = reconstruction_accuracy(model, processor, examples, judge)
-    report = {"judged_accuracy": accuracy, "frechet_distance": float(frechet_distance(judge.embed(generated), real)),
+    report = {"judged_accuracy": judged_accuracy(judge, generated, examples),
+              "frechet_distance": float(frechet_distance(judge.embed(generated), real)),
               "tokenizer_ceiling": ceiling["overall"], "tokenizer_ceiling_per_attribute": ceiling}
     if reference is not None:
         report["frechet_floor"] = float(frechet_distance(judge.embed([example["image"] for example in reference]),
