@@ -15,6 +15,12 @@ from transformers_f2ace import UniF2aceConfig, UniF2aceForConditionalGeneration 
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# The sequence-level options of the embedded model's preset (`UniF2aceConfig.small`), for tiny models.
+UNDERSTANDING_OPTIONS = {
+    key: UniF2aceConfig.small().moe_config.to_dict()[key]
+    for key in ("resampler_type", "mmu_fixed_sequence_route", "feature_gate_bias")
+}
+
 # Prepended to scripts run in a subprocess that must behave as if transformers_f2ace were not installed.
 BLOCK_PACKAGE = textwrap.dedent(
     """

@@ -15,7 +15,7 @@ from transformers import (
     AutoModelForMultimodalLM,
 )
 
-from conftest import BLOCK_PACKAGE, mmu_ids
+from conftest import BLOCK_PACKAGE, UNDERSTANDING_OPTIONS, mmu_ids
 from transformers_f2ace import UniF2aceConfig, UniF2aceForConditionalGeneration, UniF2aceModel
 
 
@@ -118,7 +118,10 @@ REMOTE_CODE_SCRIPT = BLOCK_PACKAGE + textwrap.dedent(
 )
 
 
-def test_trust_remote_code_load_without_the_package(tmp_path, tiny_model):
+@pytest.mark.parametrize("moe", [{}, UNDERSTANDING_OPTIONS], ids=["paper", "understanding_options"])
+def test_trust_remote_code_load_without_the_package(tmp_path, moe):
+    torch.manual_seed(0)
+    tiny_model = UniF2aceForConditionalGeneration(UniF2aceConfig.tiny(moe_config=moe)).eval()
     folder = tmp_path / "checkpoint"
     tiny_model.save_pretrained(folder)
     ids = mmu_ids(tiny_model.config, TEXT)

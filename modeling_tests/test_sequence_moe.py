@@ -3,10 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassClassValidationError
 
-from transformers_f2ace import UniF2aceConfig
+from conftest import UNDERSTANDING_OPTIONS, mmu_ids
+from transformers import AutoModelForImageTextToText
+from transformers_f2ace import UniF2aceConfig, UniF2aceForConditionalGeneration
 from transformers_f2ace.modeling_unif2ace_encoders import (
     IResNet,
+    MlpProjector,
     PerceiverResampler,
     UniF2aceFeatureEncoders,
     UniF2aceSequenceMoeBlock,
@@ -28,8 +32,9 @@ def make_block(seed: int = 0, router_scale: float = 1.0, **moe) -> UniF2aceSeque
     return block
 
 
-def naive_sequence_moe(block, hidden_states, task_ids, token_mask, features):
-    """Independent reference: per sequence, route on the masked mean, run *every* chosen expert densely."""
+def naive_sequence_moe(block, hidden_states, task_ids, token_mask, features, mmu_route=None):
+    """Independent reference: per sequence, route on the masked mean (or, for MMU, take the local experts
+    `mmu_route` at equal weight), run *every* chosen expert densely."""
     outputs = []
     for b in range(hidden_states.shape[0]):
         x = hidden_states[b]
@@ -38,6 +43,8 @@ def naive_sequence_moe(block, hidden_states, task_ids, token_mask, features):
         group_weight = block.router.weight[group * E : (group + 1) * E]
         probs = torch.softmax(group_weight @ pooled, dim=-1)
         weights, local = probs.topk(block.top_k)
+        if group == MMU and mmu_route is not None:
+            weights, local = torch.full((len(mmu_route),), 1 / len(mmu_route)), torch.tensor(mmu_route)
         y = torch.zeros_like(x)
         for g, e in zip(weights, local.tolist()):
             expert = group * E + e
@@ -45,7 +52,8 @@ def naive_sequence_moe(block, hidden_states, task_ids, token_mask, features):
             if kind == "copy":
                 y = y + g * x
             elif kind in ("clip", "face", "noise"):
-                w = torch.softmax(x @ block.feature_gates[str(expert)].weight.T, dim=-1)[:, :1]
+                gate = block.feature_gates[str(expert)]
+                w = torch.softmax(x @ gate.weight.T + (0 if gate.bias is None else gate.bias), dim=-1)[:, :1]
                 f = features[kind][b] if kind in features else torch.zeros_like(x)
                 y = y + g * (w * x + (1 - w) * f)
         outputs.append(y)
@@ -161,6 +169,73 @@ def test_sparse_dispatch_matches_the_naive_reference_on_a_mixed_batch():
     torch.testing.assert_close(output, naive_sequence_moe(block, x, task_ids, token_mask, features))
 
 
+def test_fixed_mmu_route_replaces_the_router_for_understanding_only():
+    fixed = make_block(router_scale=5.0, mmu_fixed_sequence_route=["clip", "copy"], feature_gate_bias=3.0)
+    learned = make_block(router_scale=5.0, feature_gate_bias=3.0)  # same seed and layout: the same weights
+    assert torch.equal(learned.router.weight, fixed.router.weight)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 7, H, generator=generator)
+    task_ids = torch.tensor([MMU, T2I] * 4)
+    token_mask = torch.ones(8, 7, dtype=torch.bool)
+    features = {"clip": torch.randn(8, 7, H, generator=generator), "face": torch.randn(8, 7, H, generator=generator)}
+    output, logits, (weights, index) = fixed(x, task_ids, token_mask, features)
+    _, learned_logits, (learned_weights, learned_index) = learned(x, task_ids, token_mask, features)
+    mmu, t2i = task_ids == MMU, task_ids == T2I
+    # MMU experts (copy, copy, clip, face): "clip" is local 2, the first "copy" local 0, each at weight 1/2
+    assert {tuple(sorted(row)) for row in index[mmu].tolist()} == {(0, 2)}
+    torch.testing.assert_close(weights[mmu], torch.full((4, 2), 0.5))
+    expected_logits = torch.full((2 * E,), float("-inf"))
+    expected_logits[[0, 2]] = torch.tensor(0.5).log()
+    torch.testing.assert_close(logits[mmu], expected_logits.expand(4, -1))
+    assert torch.equal(index[t2i], learned_index[t2i])  # generation keeps its learned route
+    torch.testing.assert_close(weights[t2i], learned_weights[t2i])
+    torch.testing.assert_close(logits[t2i], learned_logits[t2i])
+    torch.testing.assert_close(output, naive_sequence_moe(fixed, x, task_ids, token_mask, features, mmu_route=[2, 0]))
+
+
+@pytest.mark.parametrize(
+    "route, indices", [(None, None), (["copy", "clip"], [0, 2]), (["copy", "copy"], [0, 1]), (["face", "clip"], [3, 2])]
+)
+def test_fixed_route_kinds_resolve_to_mmu_experts_in_order(route, indices):
+    assert UniF2aceConfig.tiny(moe_config=dict(mmu_fixed_sequence_route=route)).moe_config.mmu_fixed_sequence_indices() \
+        == indices
+
+
+@pytest.mark.parametrize(
+    "moe, message",
+    [
+        (dict(mmu_fixed_sequence_route=["clip", "clip"]), "takes 2 'clip'"),
+        (dict(mmu_fixed_sequence_route=["zero", "copy"]), "takes 1 'zero'"),  # a T2I kind: not in the MMU group
+        (dict(mmu_fixed_sequence_route=["copy"]), "num_sequence_experts_per_seq"),
+        (dict(resampler_type="qformer"), "resampler_type"),
+        (dict(feature_gate_bias=-1.0), "feature_gate_bias"),
+    ],
+)
+def test_understanding_options_reject_impossible_values(moe, message):
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
+        UniF2aceConfig.tiny(moe_config=moe)
+
+
+@pytest.mark.parametrize("bias", [0.0, 3.0])
+def test_feature_gate_bias_opens_the_clip_and_face_gates_at_init(bias):
+    torch.manual_seed(0)
+    model = UniF2aceForConditionalGeneration(UniF2aceConfig.tiny(moe_config=dict(feature_gate_bias=bias)))
+    block = model.model.layers[0].sequence_moe
+    x = torch.randn(4, 16, H)
+    for key, gate in block.feature_gates.items():
+        kind = block.expert_kinds[int(key)]
+        if bias == 0 or kind == "noise":  # the paper's bias-free gate: no parameter, old checkpoints still load
+            assert gate.bias is None
+            continue
+        torch.testing.assert_close(gate.bias, torch.tensor([-bias / 2, bias / 2]))
+        w = torch.softmax(gate(x), dim=-1)[..., 0]  # share of the hidden state in the mix
+        expected = torch.sigmoid(torch.tensor(-bias))  # the weights (std 0.02) move it only slightly
+        assert abs(w.mean().item() - expected.item()) < 0.01, kind
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Decoding with a remembered route
+# --------------------------------------------------------------------------------------------------------------------
 def test_reusing_the_route_reproduces_the_output_also_for_new_tokens_only():
     block = make_block()
     x = torch.randn(2, 9, H)
@@ -321,6 +396,66 @@ def test_resampler_matches_a_naive_flamingo_reference():
         latents = latents + layer.fc2(F.gelu(layer.fc1(layer.mlp_norm(latents))))
     torch.testing.assert_close(resampler(inputs), resampler.norm_out(latents))
     assert resampler(torch.randn(2, 12)).shape == (2, 3, 16)  # one embedding = one input token
+
+
+def test_mlp_projector_keeps_each_patch_on_the_image_tokens_it_covers():
+    torch.manual_seed(0)
+    projector = MlpProjector(input_dim=8, hidden_size=16, num_outputs=16).eval()  # 2x2 patches -> 4x4 tokens
+    inputs = torch.randn(2, 4, 8)
+    output = projector(inputs)
+    by_hand = projector.norm(projector.fc2(F.gelu(projector.fc1(inputs))))  # (2, 4, 16) per patch
+    grid = torch.arange(16).view(4, 4)
+    patch_of_token = (grid // 4) // 2 * 2 + (grid % 4) // 2  # token (r, c) lies in patch (r // 2, c // 2)
+    torch.testing.assert_close(output, by_hand[:, patch_of_token.flatten()])
+    changed = inputs.clone()
+    changed[:, 1] += 1.0  # patch (0, 1): the top-right quarter
+    moved = (projector(changed) - output).abs().sum(dim=(0, 2)) > 0
+    assert moved.nonzero().flatten().tolist() == [2, 3, 6, 7]
+    torch.testing.assert_close(projector(inputs[:, 0]), by_hand[:, :1].expand(-1, 16, -1))  # one embedding: every token
+
+
+@pytest.mark.parametrize(
+    "build, inputs, message",
+    [
+        (lambda: MlpProjector(8, 16, 15), None, "num_outputs"),
+        (lambda: MlpProjector(8, 16, 16), torch.randn(1, 3, 8), "square number"),
+        (lambda: MlpProjector(8, 16, 16), torch.randn(1, 4, 7), r"\(B, S, 8\)"),
+    ],
+)
+def test_mlp_projector_rejects_grids_it_cannot_map(build, inputs, message):
+    with pytest.raises(ValueError, match=message):
+        build()(inputs)
+
+
+def test_resampler_type_selects_the_projector_for_both_feature_kinds():
+    torch.manual_seed(0)
+    config = UniF2aceConfig.tiny(moe_config=dict(resampler_type="mlp"))
+    encoders = UniF2aceFeatureEncoders(config).eval()
+    assert all(type(resampler) is MlpProjector for resampler in encoders.resamplers.values())
+    features = encoders(semantic_pixel_values=torch.randn(2, 3, 32, 32), identity_embeds=torch.randn(2, 32))
+    assert features["clip"].shape == features["face"].shape == (2, config.num_image_tokens, H)
+
+
+def test_model_with_the_understanding_options_round_trips_and_trains(tmp_path):
+    torch.manual_seed(0)
+    config = UniF2aceConfig.tiny(moe_config=UNDERSTANDING_OPTIONS)
+    model = UniF2aceForConditionalGeneration(config)
+    ids = mmu_ids(config, [5, 6, 7])
+    pixels = torch.randn(1, 3, 32, 32)
+    loss = model(input_ids=ids, semantic_pixel_values=pixels, labels=ids).loss
+    loss.backward()
+    projector = model.model.feature_encoders.resamplers["clip"]
+    assert projector.fc1.weight.grad.abs().sum() > 0  # the semantic features reach the understanding loss
+    clip_gate = model.model.layers[0].sequence_moe.feature_gates["2"]
+    assert clip_gate.bias.grad.abs().sum() > 0
+    model.eval().save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert loaded.config.moe_config.mmu_fixed_sequence_route == ["copy", "clip"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, semantic_pixel_values=pixels).logits,
+                                   model(input_ids=ids, semantic_pixel_values=pixels).logits)
+        without_features = model(input_ids=ids).logits
+    assert not torch.allclose(without_features, loaded(input_ids=ids, semantic_pixel_values=pixels).logits)
 
 
 def test_init_encoder_weights_covers_queries_and_prelu():

@@ -1,8 +1,8 @@
 """Does a UniF²ace model use its semantic (CLIP) features? The diagnostics behind the README's "What limits it".
 
     PYTHONPATH=src python docs/diagnostics/semantic_features.py knockout src/transformers_f2ace/pretrained/unif2ace-synthface
-    PYTHONPATH=src python docs/diagnostics/semantic_features.py mmu-run --vq-dir runs/main/vq [--open-gates] [--force-route]
-        [--projector mlp] [--questions-per-record 10] [--steps 800]
+    PYTHONPATH=src python docs/diagnostics/semantic_features.py mmu-run --vq-dir runs/main/vq [--projector perceiver]
+        [--route learned] [--gate-bias 0] [--questions-per-record 10] [--steps 800]
         [--only-attribute smiling [mouth_open] --num-train 3000 --steps 150 --num 120]
 
 `knockout`: VQA exact match on the first `--num` test faces with the model's semantic tower, then with the tower's
@@ -12,11 +12,12 @@ per layer (how many conversations chose each expert, mean routing weight) and th
 hidden state on the image span for each feature expert; the share of the CLIP resampler's output energy that varies
 between 64 validation faces (0: a constant, whatever the face); and the majority-answer baseline's accuracy.
 `mmu-run`: an understanding-only run of the recipe's model stage (pretrained tower, `--steps` steps on `--num-train`
-faces, AdamW 1e-3, 25 warm-up steps, cosine), optionally with the CLIP gates initialised open (bias [-1.5, 1.5]: w
-starts near 0.05), every understanding sequence forced through (copy, CLIP) at 0.5 / 0.5 in every layer, the
-Perceiver resampler of the CLIP features replaced by an LLaVA-style MLP projector (`--projector mlp`: two linear
-layers with GELU and a LayerNorm on each patch token, nearest-upsampled from the patch grid to the image-token grid)
-and another number of questions per conversation; then `knockout` on the result. With `--only-attribute A [B ...]`,
+faces, AdamW 1e-3, 25 warm-up steps, cosine), with the sequence-level options of the preset (`UniF2aceConfig.small`:
+an MLP projector, every understanding sequence through (copy, CLIP) at 0.5 / 0.5, CLIP gates opened with bias
+3.0) or, to reproduce the README's earlier runs, the paper's form: `--projector perceiver --route learned
+--gate-bias 0` (the old `--open-gates` opened the CLIP gates only = `--gate-bias 3`, `--force-route` = `--route
+fixed`, `--projector mlp` = the projector that is now `MlpProjector`); and another number of questions per
+conversation; then `knockout` on the result. With `--only-attribute A [B ...]`,
 every record asks one of those attributes' first question alone (face i: attribute i mod n), and the report is their
 accuracy on validation faces.
 """
@@ -29,36 +30,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_schedule_with_warmup
 
 from transformers_f2ace import UniF2aceForConditionalGeneration
 from transformers_f2ace.modeling_unif2ace_encoders import UniF2aceSequenceMoeBlock
 from transformers_f2ace.data import ATTRIBUTES, conversation
 from transformers_f2ace.data.text import QUESTIONS
-from transformers_f2ace.recipe import (RecipeArguments, answer_conversations, answer_prior, build_model, build_processor,
-                                       evaluate_understanding, mixed_records, normalise_answer,
-                                       pretrain_semantic_encoder, recipe_config, synthface_examples)
+from transformers_f2ace.configuration_unif2ace import RESAMPLER_TYPES
+from transformers_f2ace.recipe import (PRESETS, RecipeArguments, answer_conversations, answer_prior, build_model,
+                                       build_processor, evaluate_understanding, mixed_records, normalise_answer,
+                                       pretrain_semantic_encoder, synthface_examples)
 from transformers_f2ace.training import UniF2aceDataCollator
 
+FIXED_ROUTE = ["copy", "clip"]
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "semantic_pixel_values", "identity_pixel_values")
-
-
-class MlpProjector(torch.nn.Module):
-    """(B, P, D) patch tokens on a square grid -> (B, N, H) on the square image-token grid (N a multiple of P)."""
-
-    def __init__(self, input_dim: int, hidden_size: int, num_outputs: int):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(input_dim, hidden_size)
-        self.fc2 = torch.nn.Linear(hidden_size, hidden_size)
-        self.norm = torch.nn.LayerNorm(hidden_size)
-        self.side = round(num_outputs**0.5)
-
-    def forward(self, inputs):
-        projected = self.norm(self.fc2(F.gelu(self.fc1(inputs))))
-        batch, patches, hidden = projected.shape
-        grid = projected.transpose(1, 2).reshape(batch, hidden, round(patches**0.5), -1)
-        return F.interpolate(grid, size=(self.side, self.side), mode="nearest").flatten(2).transpose(1, 2)
 
 
 @torch.no_grad()
@@ -132,29 +117,6 @@ def knockout(model, processor, num: int) -> dict:
     return report
 
 
-def open_gates_and_force_route(model, open_gates: bool, force_route: bool) -> None:
-    for block in sequence_blocks(model):
-        kinds = block.expert_kinds[: block.experts_per_group]
-        if open_gates:
-            for key, gate in list(block.feature_gates.items()):
-                if block.expert_kinds[int(key)] == "clip":
-                    opened = torch.nn.Linear(gate.in_features, 2, bias=True)
-                    with torch.no_grad():
-                        opened.weight.copy_(gate.weight)
-                        opened.bias.copy_(torch.tensor([-1.5, 1.5]))
-                    block.feature_gates[key] = opened
-        if force_route:
-            chosen = torch.tensor([kinds.index("copy"), kinds.index("clip")])
-
-            def route(hidden_states, task_ids, token_mask=None, _route=block.route, _chosen=chosen):
-                logits, (weights, index) = _route(hidden_states, task_ids, token_mask)
-                mmu = (task_ids == 0)[:, None]
-                return logits, (torch.where(mmu, torch.full_like(weights, 0.5), weights),
-                                torch.where(mmu, _chosen.to(index.device), index))
-
-            block.route = route
-
-
 def single_question_accuracy(model, processor, attribute: str, num: int, question_first: bool) -> dict:
     """Greedy accuracy on `attribute`'s first question over the first `num` validation faces that show it, and the
     share of the most frequent answer among them."""
@@ -200,16 +162,13 @@ def only_attribute_records(faces: list[dict], attributes: list[str], question_fi
 def mmu_run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as output:
         recipe = RecipeArguments(output_dir=output, stage="model", semantic_steps=args.semantic_steps, progress=False)
-        config = recipe_config(recipe)
+        route = None if args.route == "learned" else FIXED_ROUTE
+        config = PRESETS[recipe.config](moe_config=dict(resampler_type=args.projector, mmu_fixed_sequence_route=route,
+                                                        feature_gate_bias=args.gate_bias))
         faces = synthface_examples(args.num_train, config.vq_config.resolution, 0)
         processor = build_processor(config, faces)
         model = build_model(config, Path(args.vq_dir), 0)
-        if args.projector == "mlp":
-            encoders = model.model.feature_encoders
-            encoders.resamplers["clip"] = MlpProjector(encoders.semantic_dim, config.text_config.hidden_size,
-                                                       config.num_image_tokens)
         pretrain_semantic_encoder(recipe, model, processor, faces)
-    open_gates_and_force_route(model, args.open_gates, args.force_route)
     if args.only_attribute is None:
         records = mixed_records(faces, 0.0, recipe.describe_fraction, args.questions_per_record)
     else:
@@ -243,9 +202,13 @@ def main() -> None:
     run.add_argument("--steps", type=int, default=300)
     run.add_argument("--num-train", type=int, default=6000)
     run.add_argument("--semantic-steps", type=int, default=1500)
-    run.add_argument("--open-gates", action="store_true")
-    run.add_argument("--force-route", action="store_true")
-    run.add_argument("--projector", choices=("perceiver", "mlp"), default="perceiver")
+    preset = PRESETS[RecipeArguments.config]().moe_config
+    run.add_argument("--projector", choices=RESAMPLER_TYPES, default=preset.resampler_type)
+    run.add_argument("--route", choices=("learned", "fixed"),
+                     default="learned" if preset.mmu_fixed_sequence_route is None else "fixed",
+                     help=f"fixed: every understanding sequence takes {FIXED_ROUTE} at 0.5 / 0.5 in every layer")
+    run.add_argument("--gate-bias", type=float, default=preset.feature_gate_bias,
+                     help="moe_config.feature_gate_bias (0: the paper's bias-free gates)")
     run.add_argument("--questions-per-record", type=int, default=RecipeArguments.questions_per_record)
     run.add_argument("--only-attribute", choices=sorted(QUESTIONS), nargs="+",
                      help="train on these attributes' first questions alone, one per record (face i asks attribute "

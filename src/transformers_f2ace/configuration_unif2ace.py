@@ -36,6 +36,7 @@ MIN_FRAMING_TOKENS = 8  # task token, BOS / EOS, <|soi|> / <|eoi|> and a few tex
 PHI_END_OF_TEXT_ID = 50256  # <|endoftext|> in Phi-1.5's tokenizer
 REQUIRED_SPECIAL_TOKENS = ("<|soi|>", "<|eoi|>", "<|t2i|>", "<|mmu|>", "[PAD]")
 SEQUENCE_EXPERT_KINDS = ("copy", "zero", "noise", "clip", "face")
+RESAMPLER_TYPES = ("perceiver", "mlp")
 
 
 def _check_positive(config: PreTrainedConfig, *names: str) -> None:
@@ -144,6 +145,17 @@ class UniF2aceMoEConfig(PreTrainedConfig):
     copy / zero / noise / clip / face, `num_sequence_experts_per_seq` chosen once per sequence and layer from the
     mean of the normalised hidden states over non-pad positions. Feature experts (clip, face, noise) mix the hidden
     state with resampled encoder features via a per-token 2-way softmax gate.
+
+    Three choices where the paper is silent (defaults = the paper's form):
+    - `resampler_type`: "perceiver" (Flamingo Perceiver resampler, `resampler_*` sized) or "mlp" (LLaVA-style
+      projector: Linear → GELU → Linear → LayerNorm per encoder token, nearest-upsampled from the encoder's square
+      token grid to the square image-token grid, so feature m sits on the image token it was computed from).
+    - `mmu_fixed_sequence_route`: None (learned routing) or `num_sequence_experts_per_seq` kinds of
+      `mmu_sequence_experts` that every understanding sequence takes, each at weight 1/k, in every layer (e.g.
+      ["copy", "clip"]: the semantic features always reach understanding); a repeated kind takes successive experts
+      of that kind. The router logits recorded for those sequences are log(1/k) at the fixed experts, -inf elsewhere.
+    - `feature_gate_bias`: 0 keeps the clip / face gates bias-free (w starts near 0.5); b > 0 gives them a bias
+      initialised to [-b/2, b/2], so the mix starts at w = sigmoid(-b) on the hidden state (3.0: w ≈ 0.05).
     """
 
     model_type = "unif2ace_moe"
@@ -164,16 +176,21 @@ class UniF2aceMoEConfig(PreTrainedConfig):
     t2i_sequence_experts: list[str] | tuple[str, ...] = ("copy", "copy", "zero", "noise")
     noise_std: float = 1.0
     noise_at_eval: bool = False
+    resampler_type: str = "perceiver"
     resampler_num_queries: int | None = None
     resampler_depth: int = 2
     resampler_num_heads: int = 8
     resampler_mlp_ratio: int = 2
     semantic_feature_layer: int = -2
+    mmu_fixed_sequence_route: list[str] | tuple[str, ...] | None = None
+    feature_gate_bias: float = 0.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
         self.mmu_sequence_experts = list(self.mmu_sequence_experts)
         self.t2i_sequence_experts = list(self.t2i_sequence_experts)
+        if self.mmu_fixed_sequence_route is not None:
+            self.mmu_fixed_sequence_route = list(self.mmu_fixed_sequence_route)
         super().__post_init__(**kwargs)
 
     @property
@@ -206,6 +223,34 @@ class UniF2aceMoEConfig(PreTrainedConfig):
             )
         if self.resampler_num_queries is not None and self.resampler_num_queries < 1:
             raise ValueError("UniF2aceMoEConfig.resampler_num_queries must be None or a positive integer")
+        if self.resampler_type not in RESAMPLER_TYPES:
+            raise ValueError(f"UniF2aceMoEConfig.resampler_type must be one of {RESAMPLER_TYPES}, got {self.resampler_type!r}")
+        if self.feature_gate_bias < 0:
+            raise ValueError(f"UniF2aceMoEConfig.feature_gate_bias must be >= 0, got {self.feature_gate_bias}")
+        self.mmu_fixed_sequence_indices()  # raises on a route the MMU group cannot take
+
+    def mmu_fixed_sequence_indices(self) -> list[int] | None:
+        """`mmu_fixed_sequence_route` as indices into `mmu_sequence_experts` (a repeated kind takes the next expert of
+        that kind), or None for learned routing. Raises ValueError on a route the MMU group cannot take."""
+        route = self.mmu_fixed_sequence_route
+        if route is None:
+            return None
+        if len(route) != self.num_sequence_experts_per_seq:
+            raise ValueError(
+                f"UniF2aceMoEConfig.mmu_fixed_sequence_route must name num_sequence_experts_per_seq "
+                f"({self.num_sequence_experts_per_seq}) experts, got {route}"
+            )
+        indices = []
+        for position, kind in enumerate(route):
+            candidates = [i for i, name in enumerate(self.mmu_sequence_experts) if name == kind]
+            taken = route[:position].count(kind)
+            if taken >= len(candidates):
+                raise ValueError(
+                    f"UniF2aceMoEConfig.mmu_fixed_sequence_route {route} takes {taken + 1} {kind!r} expert(s), "
+                    f"mmu_sequence_experts {self.mmu_sequence_experts} has {len(candidates)}"
+                )
+            indices.append(candidates[taken])
+        return indices
 
 
 @strict
@@ -448,7 +493,8 @@ class UniF2aceConfig(PreTrainedConfig):
     def small(cls, **overrides) -> "UniF2aceConfig":
         """The demo / embedded-model size (~10M parameters): 4 layers, hidden 256, 256 image tokens (64 px, 4x
         downsampling: 8x lost the small attributes, e.g. eye colour), a 1,024-code VQ, 4 routed experts top-2 per
-        group."""
+        group. Understanding sequences always take (copy, CLIP) with the CLIP gates opened and an MLP projector (on
+        SynthFace the learned route and the Perceiver left the semantic features unused: README, "What limits it")."""
         return cls._preset(
             dict(
                 text_vocab_size=4096, bos_token_id=0, eos_token_id=0,
@@ -459,7 +505,8 @@ class UniF2aceConfig(PreTrainedConfig):
                 # the 2-layer semantic tower is pretrained for its last layer (recipe), not the penultimate one
                 moe_config=dict(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=256,
                                 shared_expert_intermediate_size=256, resampler_depth=1, resampler_num_heads=4,
-                                semantic_feature_layer=-1),
+                                semantic_feature_layer=-1, resampler_type="mlp",
+                                mmu_fixed_sequence_route=["copy", "clip"], feature_gate_bias=3.0),
                 semantic_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                      image_size=64, patch_size=8, projection_dim=64),
                 identity_config=dict(image_size=64, layers=[1, 1, 1, 1], base_channels=16, embedding_size=64),

@@ -14,6 +14,7 @@ Initialisation: everything is nn.Linear / nn.LayerNorm / nn.Conv2d / nn.BatchNor
 """
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -171,13 +172,7 @@ class PerceiverResampler(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """inputs (B, S, input_dim) or (B, input_dim) -> (B, num_queries, hidden_size)."""
-        if inputs.dim() == 2:
-            inputs = inputs[:, None]
-        if inputs.dim() != 3 or inputs.shape[-1] != self.input_dim:
-            raise ValueError(
-                f"PerceiverResampler expects inputs of shape (B, S, {self.input_dim}) or (B, {self.input_dim}), "
-                f"got {tuple(inputs.shape)}"
-            )
+        inputs = _as_token_sequence(inputs, self.input_dim, type(self).__name__)
         inputs = self.proj_in(inputs.to(self.proj_in.weight.dtype))
         queries = self.queries.expand(inputs.shape[0], -1, -1)
         for layer in self.layers:
@@ -185,14 +180,74 @@ class PerceiverResampler(nn.Module):
         return self.norm_out(queries)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# MLP projector (LLaVA-style), the alternative to the Perceiver
+# --------------------------------------------------------------------------------------------------------------------
+class MlpProjector(nn.Module):
+    """Encoder tokens on a square grid (B, P, input_dim) — or one embedding (B, input_dim), a 1×1 grid — →
+    Linear → GELU → Linear → LayerNorm per token → nearest-upsampled to the square output grid (B, num_outputs,
+    hidden_size). Unlike the Perceiver every output keeps the spatial position it was computed from: placed on the
+    image span, feature m sits on the image token over the same part of the face."""
+
+    def __init__(self, input_dim: int, hidden_size: int, num_outputs: int, layer_norm_eps: float = 1e-5):
+        super().__init__()
+        self.output_side = _square_side(num_outputs, "MlpProjector num_outputs (resampler_num_queries or "
+                                                      "num_image_tokens)")
+        self.input_dim = input_dim
+        self.fc1 = nn.Linear(input_dim, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """inputs (B, P, input_dim) with P a square, or (B, input_dim) -> (B, num_outputs, hidden_size)."""
+        inputs = _as_token_sequence(inputs, self.input_dim, type(self).__name__)
+        side = _square_side(inputs.shape[1], "MlpProjector input tokens")
+        projected = self.norm(self.fc2(F.gelu(self.fc1(inputs.to(self.fc1.weight.dtype)))))
+        grid = projected.transpose(1, 2).reshape(projected.shape[0], projected.shape[2], side, side)
+        upsampled = F.interpolate(grid, size=(self.output_side, self.output_side), mode="nearest")
+        return upsampled.flatten(2).transpose(1, 2)
+
+
+def _square_side(count: int, what: str) -> int:
+    side = round(count**0.5)
+    if side * side != count:
+        raise ValueError(f"{what} must be a square number of tokens (a square grid), got {count}")
+    return side
+
+
+def _as_token_sequence(inputs: torch.Tensor, input_dim: int, name: str) -> torch.Tensor:
+    """(B, S, input_dim) or (B, input_dim) -> (B, S, input_dim) (S = 1); other shapes raise ValueError."""
+    if inputs.dim() == 2:
+        inputs = inputs[:, None]
+    if inputs.dim() != 3 or inputs.shape[-1] != input_dim:
+        raise ValueError(
+            f"{name} expects inputs of shape (B, S, {input_dim}) or (B, {input_dim}), got {tuple(inputs.shape)}"
+        )
+    return inputs
+
+
+def build_resampler(config: UniF2aceConfig, input_dim: int) -> nn.Module:
+    """The resampler `moe_config.resampler_type` names, mapping `input_dim` encoder tokens to
+    `moe_config.resampler_num_queries or num_image_tokens` vectors of the decoder hidden size."""
+    moe, text = config.moe_config, config.text_config
+    num_outputs = moe.resampler_num_queries or config.num_image_tokens
+    if moe.resampler_type == "mlp":
+        return MlpProjector(input_dim, text.hidden_size, num_outputs, layer_norm_eps=text.layer_norm_eps)
+    return PerceiverResampler(input_dim, text.hidden_size, num_outputs, moe.resampler_depth, moe.resampler_num_heads,
+                              mlp_ratio=moe.resampler_mlp_ratio, layer_norm_eps=text.layer_norm_eps)
+
+
 @torch.no_grad()
 def init_encoder_weights(module: nn.Module, std: float) -> None:
     """Initialise what transformers' generic `_init_weights` leaves untouched in this file: `PerceiverResampler.queries`
-    ~ N(0, std) and PReLU slopes = 0.25. Call it for every module from the model's `_init_weights`."""
+    ~ N(0, std), PReLU slopes = 0.25 and the opened `FeatureGate` biases. Call it for every module from the model's
+    `_init_weights`, after transformers' generic init (which zeroes Linear biases)."""
     if isinstance(module, PerceiverResampler):
         init.normal_(module.queries, mean=0.0, std=std)
     elif isinstance(module, nn.PReLU):
         init.constant_(module.weight, PRELU_INIT)
+    elif isinstance(module, FeatureGate) and module.bias is not None:
+        init.copy_(module.bias, torch.tensor([-module.open_bias / 2, module.open_bias / 2]))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -206,9 +261,10 @@ def used_sequence_expert_kinds(config: UniF2aceConfig) -> set[str]:
 
 class UniF2aceFeatureEncoders(nn.Module):
     """The semantic encoder (`semantic_encoder`, a `CLIPVisionModel`; only if some group has a "clip" expert), the
-    identity encoder (`identity_encoder`, an `IResNet`; only with a "face" expert) and one `PerceiverResampler` per used
-    feature kind (`resamplers["clip"]`, `resamplers["face"]`) mapping to the decoder hidden size with
-    `moe_config.resampler_num_queries or num_image_tokens` queries.
+    identity encoder (`identity_encoder`, an `IResNet`; only with a "face" expert) and one resampler per used feature
+    kind (`resamplers["clip"]`, `resamplers["face"]`; a `PerceiverResampler` or an `MlpProjector` by
+    `moe_config.resampler_type`) mapping to `moe_config.resampler_num_queries or num_image_tokens` vectors of the
+    decoder hidden size.
 
     With `config.freeze_encoders` (default) the two encoders have `requires_grad=False`, stay in eval mode through
     `.train()` and run under `torch.no_grad()`; the resamplers always train.
@@ -216,7 +272,7 @@ class UniF2aceFeatureEncoders(nn.Module):
 
     def __init__(self, config: UniF2aceConfig):
         super().__init__()
-        moe, text = config.moe_config, config.text_config
+        moe = config.moe_config
         used = used_sequence_expert_kinds(config)
         self.freeze_encoders = config.freeze_encoders
         self.semantic_image_size = config.semantic_config.image_size
@@ -229,15 +285,7 @@ class UniF2aceFeatureEncoders(nn.Module):
         self.identity_encoder = IResNet(config.identity_config) if "face" in used else None
         input_dims = {"clip": self.semantic_dim, "face": self.identity_dim}
         self.resamplers = nn.ModuleDict(
-            {
-                kind: PerceiverResampler(
-                    input_dims[kind], text.hidden_size, moe.resampler_num_queries or config.num_image_tokens,
-                    moe.resampler_depth, moe.resampler_num_heads, mlp_ratio=moe.resampler_mlp_ratio,
-                    layer_norm_eps=text.layer_norm_eps,
-                )
-                for kind in FEATURE_KINDS
-                if kind in used
-            }
+            {kind: build_resampler(config, input_dims[kind]) for kind in FEATURE_KINDS if kind in used}
         )
         if self.freeze_encoders:
             for encoder in self._encoders():
@@ -375,6 +423,16 @@ def place_on_image_span(
 # --------------------------------------------------------------------------------------------------------------------
 # Grouped sequence-level MoE
 # --------------------------------------------------------------------------------------------------------------------
+class FeatureGate(nn.Linear):
+    """The 2-way gate `Linear(H, 2)` of a mixing expert: logits of [hidden state, feature] per token. Bias-free (the
+    paper's form) unless `open_bias` b > 0: then its bias starts at [-b/2, b/2] (`init_encoder_weights`), so the
+    mix starts at w = sigmoid(-b) on the hidden state."""
+
+    def __init__(self, hidden_size: int, open_bias: float = 0.0):
+        super().__init__(hidden_size, 2, bias=open_bias > 0)
+        self.open_bias = open_bias
+
+
 class UniF2aceSequenceMoeBlock(nn.Module):
     """Grouped sequence-level MoE (SPEC §3.2). Global expert i = g * E + e: expert e of group g, kinds from
     `moe_config.mmu_sequence_experts` (g = 0) and `t2i_sequence_experts` (g = 1).
@@ -384,7 +442,9 @@ class UniF2aceSequenceMoeBlock(nn.Module):
     Σ_k g_k · E_k(x) with copy E(x) = x, zero E(x) = 0 and, for noise / clip / face, E(x) = w·x + (1 − w)·f where
     [w, 1 − w] = softmax(W_c x) per token (`feature_gates[str(i)]`, a `Linear(H, 2)`) and f = the placed encoder
     features (missing kind: zeros) or Gaussian noise × `noise_std` (training, or eval with `noise_at_eval`; else 0).
-    Only the chosen mixing experts are evaluated, each on the rows that chose it.
+    Only the chosen mixing experts are evaluated, each on the rows that chose it. With
+    `moe_config.mmu_fixed_sequence_route` every MMU sequence takes those experts at weight 1/k instead of the
+    router's choice; with `feature_gate_bias` b > 0 the clip / face gates carry a bias initialised to [-b/2, b/2].
     """
 
     def __init__(self, config: UniF2aceConfig):
@@ -398,14 +458,16 @@ class UniF2aceSequenceMoeBlock(nn.Module):
         self.norm_topk_prob = moe.norm_topk_prob
         self.noise_std = moe.noise_std
         self.noise_at_eval = moe.noise_at_eval
+        self.mmu_fixed_route = moe.mmu_fixed_sequence_indices()  # a list, not a buffer: loading fills no buffers
         self.router = nn.Linear(hidden, len(self.expert_kinds), bias=False)
         self.feature_gates = nn.ModuleDict(
             {
-                str(i): nn.Linear(hidden, 2, bias=False)
+                str(i): FeatureGate(hidden, moe.feature_gate_bias if kind in FEATURE_KINDS else 0.0)
                 for i, kind in enumerate(self.expert_kinds)
                 if kind in MIXING_KINDS
             }
         )
+
 
     def route(
         self, hidden_states: torch.Tensor, task_ids: torch.LongTensor, token_mask: torch.Tensor | None = None
@@ -425,10 +487,19 @@ class UniF2aceSequenceMoeBlock(nn.Module):
         logits = F.linear(pooled, self.router.weight.float())
         expert_group = torch.arange(logits.shape[-1], device=logits.device) // self.experts_per_group
         logits = logits.masked_fill(expert_group[None, :] != task_ids[:, None], float("-inf"))
+        if self.mmu_fixed_route is not None:
+            logits = torch.where((task_ids == 0)[:, None], self._fixed_route_logits(logits), logits)
         top_weights, top_index = logits.softmax(dim=-1).topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
         return logits, (top_weights, top_index)
+
+    def _fixed_route_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, G*E) logits of the MMU fixed route: log(1/k) at its experts (MMU group = global ids 0..E-1), else -inf,
+        so softmax + top-k give exactly those experts at 1/k each."""
+        chosen = torch.tensor(self.mmu_fixed_route, device=logits.device)
+        fixed = torch.full_like(logits[0], float("-inf")).index_fill(0, chosen, -math.log(self.top_k))
+        return fixed.expand_as(logits)
 
     def _check_inputs(self, hidden_states, token_mask, features, route) -> None:
         if hidden_states.dim() != 3:

@@ -90,7 +90,7 @@ class RecipeArguments:
     weight_decay: float = 0.01
     t2i_fraction: float = 0.7
     describe_fraction: float = 0.2
-    questions_per_record: int = 4
+    questions_per_record: int = 10
     save_steps: int = 100
     save_total_limit: int = 2
     logging_steps: int = 25
