@@ -389,3 +389,37 @@ def test_trainer_evaluates_every_batch_kind(tmp_path, tiny_config, tiny_processo
     prediction = trainer.predict(records[4:])
     assert prediction.predictions.shape[-1] == tiny_config.vocab_size
     assert (prediction.label_ids != -100).any()
+
+
+# ------------------------------------------------------------------------------------------------ length grouping
+def test_record_lengths_count_text_and_image_tokens(tiny_config, tiny_processor):
+    collator = UniF2aceDataCollator.from_config(tiny_processor, tiny_config)
+    records = mixed_records()
+    lengths = collator.record_lengths(records)
+
+    def tokens(text: str) -> int:
+        return len(tiny_processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    image = tiny_config.num_image_tokens
+    assert lengths[0] == tokens("a smiling woman with long red curly hair") + image
+    assert lengths[2] == tokens("a man") + image
+    assert lengths[3] > lengths[1] > lengths[2]  # two turns and a system line > one short turn > a short caption
+    collated = collator(records)["attention_mask"].sum(-1).tolist()
+    assert sorted(range(4), key=lengths.__getitem__) == sorted(range(4), key=collated.__getitem__)
+
+
+def test_group_by_length_keeps_captions_and_long_conversations_apart(tmp_path, tiny_config, tiny_processor):
+    torch.manual_seed(0)
+    model = UniF2aceForConditionalGeneration(tiny_config)
+    chat = [{"from": "human", "value": "<image>\nwhat colour is the hair? is the person smiling? any glasses?"},
+            {"from": "gpt", "value": "brown curly hair, yes, round glasses"}]
+    records = [{"image": face(COLOURS[i % 6]), "caption": "a man"} for i in range(96)]
+    records += [{"image": face(COLOURS[i % 6]), "conversations": chat} for i in range(32)]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=4,
+                             train_sampling_strategy="group_by_length", seed=0)
+    trainer = UniF2aceTrainer(model=model, args=args, train_dataset=records, processing_class=tiny_processor)
+    order = list(trainer._get_train_sampler())
+    assert sorted(order) == list(range(128))  # every record once
+    # transformers sorts mega-batches of 8 batches (128 // 16) by length: at most one mixed batch in each
+    mixed = [batch for batch in (order[i:i + 4] for i in range(0, 128, 4)) if 0 < sum(i >= 96 for i in batch) < 4]
+    assert len(mixed) <= 128 // 32

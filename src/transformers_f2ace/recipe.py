@@ -310,12 +310,6 @@ def tokenizer_dir(args: RecipeArguments) -> Path:
     return Path(args.vq_dir) if args.vq_dir is not None else Path(args.output_dir) / "vq"
 
 
-def _record_text(record: dict[str, Any]) -> str:
-    if "caption" in record:
-        return record["caption"]
-    return " ".join(part.get("text") or "" for turn in record["messages"] for part in turn["content"])
-
-
 def check_records_fit(records: list[dict[str, Any]], processor: UniF2aceProcessor, config: UniF2aceConfig,
                       num_longest: int = 8) -> None:
     """Collate the `num_longest` records of each kind (T2I, MMU) with the most text tokens — every record has one
@@ -325,7 +319,7 @@ def check_records_fit(records: list[dict[str, Any]], processor: UniF2aceProcesso
     from .training import UniF2aceDataCollator
 
     collator = UniF2aceDataCollator.from_config(processor, config, seed=0)
-    lengths = [len(ids) for ids in processor.tokenizer([_record_text(r) for r in records])["input_ids"]]
+    lengths = collator.record_lengths(records)
     for kind in ("caption", "messages"):
         longest = sorted((i for i, record in enumerate(records) if kind in record), key=lengths.__getitem__)
         if not longest:
@@ -369,7 +363,7 @@ def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: l
         weight_decay=args.weight_decay, max_grad_norm=1.0, logging_steps=args.logging_steps,
         save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.save_total_limit,
         seed=args.seed, report_to="none", use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False,
-        disable_tqdm=not args.progress,
+        disable_tqdm=not args.progress, train_sampling_strategy="group_by_length",
     )
     trainer = UniF2aceTrainer(
         model=model, args=training_args, train_dataset=records, processing_class=processor, balance_loss=True,

@@ -145,6 +145,16 @@ class UniF2aceDataCollator:
             self._add_generation_targets(batch, rows, t2i)
         return batch
 
+    def record_lengths(self, records: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Per record its text tokens (the caption, or the conversation through the chat template) plus the image's
+        tokens — the row length without the task / BOS / EOS framing — to group records of similar length into batches
+        (`train_sampling_strategy="group_by_length"` in [`UniF2aceTrainer`]), so that short T2I rows are not padded
+        to the length of long conversations."""
+        texts = [record["caption"] if self._record_kind(record, index) == "t2i" else self._render_chat(record)[0]
+                 for index, record in enumerate(records)]
+        text_lengths = self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [len(ids) + self.processor.num_image_tokens for ids in text_lengths]
+
     def _record_kind(self, record: Any, index: int) -> str:
         if not isinstance(record, Mapping):
             raise ValueError(f"record {index} is a {type(record).__name__}; records are mappings: {RECORD_SHAPES}")
@@ -176,16 +186,7 @@ class UniF2aceDataCollator:
 
     def _mmu_rows(self, records: list[Mapping[str, Any]]) -> tuple[list[_Row], torch.Tensor, dict[str, torch.Tensor]]:
         """Chat-template rows with labels on the assistant answers; the encoder views of their images."""
-        rendered, answer_spans = [], []
-        for record in records:
-            messages = _normalise_chat(record["messages"] if record.get("messages") is not None else
-                                       record["conversations"])
-            texts, spans = render_jinja_template(
-                conversations=[messages], chat_template=self.processor.chat_template,
-                return_assistant_tokens_mask=True, **self.processor.tokenizer.special_tokens_map,
-            )
-            rendered.append(texts[0])
-            answer_spans.append(spans[0])
+        rendered, answer_spans = map(list, zip(*(self._render_chat(record) for record in records)))
         inputs = self.processor(images=[record["image"] for record in records], text=rendered, mode="mmu",
                                 return_tensors="pt")
         rows = []
@@ -200,6 +201,15 @@ class UniF2aceDataCollator:
             if name != "pixel_values" and name in inputs
         }
         return rows, inputs["pixel_values"], views
+
+    def _render_chat(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int]]]:
+        """An MMU record's conversation through the chat template -> (text, character spans of the answers)."""
+        messages = _normalise_chat(record["messages"] if record.get("messages") is not None else record["conversations"])
+        texts, spans = render_jinja_template(
+            conversations=[messages], chat_template=self.processor.chat_template, return_assistant_tokens_mask=True,
+            **self.processor.tokenizer.special_tokens_map,
+        )
+        return texts[0], spans[0]
 
     def _answer_token_mask(self, ids: list[int], text: str, spans: list[tuple[int, int]]) -> list[bool]:
         """Tokens overlapping the template's `{% generation %}` character spans of `text`, located in the processor's
