@@ -7,9 +7,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from transformers import TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from transformers_f2ace import UniF2aceConfig, UniF2aceForConditionalGeneration
-from transformers_f2ace.training import StepSeededCollator, UniF2aceDataCollator, UniF2aceTrainer
+from transformers_f2ace.training import (
+    ShuffledLengthGroupedSampler,
+    StepSeededCollator,
+    UniF2aceDataCollator,
+    UniF2aceTrainer,
+)
 
 
 COLOURS = [(200, 0, 0), (0, 0, 200), (0, 200, 0), (90, 90, 90), (250, 200, 0), (0, 180, 180)]
@@ -420,6 +426,26 @@ def test_group_by_length_keeps_captions_and_long_conversations_apart(tmp_path, t
     trainer = UniF2aceTrainer(model=model, args=args, train_dataset=records, processing_class=tiny_processor)
     order = list(trainer._get_train_sampler())
     assert sorted(order) == list(range(128))  # every record once
-    # transformers sorts mega-batches of 8 batches (128 // 16) by length: at most one mixed batch in each
+    # one mega-batch (50 batches of 4 > 128 records) sorted by length: at most one batch mixes the two kinds
     mixed = [batch for batch in (order[i:i + 4] for i in range(0, 128, 4)) if 0 < sum(i >= 96 for i in batch) < 4]
-    assert len(mixed) <= 128 // 32
+    assert len(mixed) <= 1
+
+
+def test_length_grouped_batches_come_in_random_order():
+    lengths = [290] * 2400 + [450] * 800 + [300] * 5  # captions, long conversations; 3205: one partial batch
+    torch.manual_seed(0)
+    order = list(ShuffledLengthGroupedSampler(16, lengths))
+    assert sorted(order) == list(range(3205))
+    batches = [order[i:i + 16] for i in range(0, 3205, 16)]
+    assert len(batches[-1]) == 5  # only the last batch is partial: the Trainer's slices stay aligned
+    kinds = [sum(lengths[i] == 450 for i in batch) / len(batch) for batch in batches]
+    assert sum(0 < share < 1 for share in kinds) <= 4 + 1  # one mixed batch per mega-batch of 800, + the partial
+    # transformers' LengthGroupedSampler keeps each mega-batch sorted: runs of ~12 long batches; shuffled, far fewer
+    run = longest = 0
+    for share in kinds:
+        run = run + 1 if share == 1 else 0
+        longest = max(longest, run)
+    assert longest <= 6
+    reference = list(LengthGroupedSampler(16, lengths=lengths))
+    reference_kinds = [all(lengths[i] == 450 for i in reference[j:j + 16]) for j in range(0, 3200, 16)]
+    assert max(sum(reference_kinds[k:k + 12]) for k in range(len(reference_kinds) - 12)) >= 11

@@ -468,7 +468,6 @@ class UniF2aceSequenceMoeBlock(nn.Module):
             }
         )
 
-
     def route(
         self, hidden_states: torch.Tensor, task_ids: torch.LongTensor, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.LongTensor]]:

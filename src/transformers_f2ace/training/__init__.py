@@ -12,6 +12,7 @@ _EXPORTS = {
     "StepSeededCollator": ".collator",
     "UniF2aceTrainer": ".trainer",
     "StepSeedCallback": ".trainer",
+    "ShuffledLengthGroupedSampler": ".sampler",
     "train_semantic_encoder": ".semantic",
     "probe_accuracy": ".semantic",
 }

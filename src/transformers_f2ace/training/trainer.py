@@ -22,12 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler, nested_detach
+from transformers.trainer_pt_utils import nested_detach
 from transformers.trainer_utils import EvalLoopOutput, has_length
 from transformers.utils import logging
 
 from ..processing_unif2ace import UniF2aceProcessor
 from .collator import StepSeededCollator, UniF2aceDataCollator
+from .sampler import ShuffledLengthGroupedSampler
 
 
 logger = logging.get_logger(__name__)
@@ -70,16 +71,17 @@ class UniF2aceTrainer(Trainer):
         self._loss_terms = {split: self._empty_terms() for split in ("train", "eval")}
 
     def _get_train_sampler(self, train_dataset=None):
-        """With `train_sampling_strategy="group_by_length"` and no precomputed length column, a `LengthGroupedSampler`
-        over the collator's `record_lengths` (the Trainer's own would look for `input_ids` in the raw records)."""
+        """With `train_sampling_strategy="group_by_length"` and no precomputed length column, a
+        [`ShuffledLengthGroupedSampler`] over the collator's `record_lengths` (the Trainer's own sampler would look
+        for `input_ids` in the raw records, and keeps runs of same-kind batches: see `sampler.py`)."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
         collator = getattr(self.data_collator, "collator", self.data_collator)
         has_length_column = self.args.length_column_name in (getattr(dataset, "column_names", None) or ())
         if (self.args.train_sampling_strategy != "group_by_length" or has_length_column
                 or not isinstance(collator, UniF2aceDataCollator) or not has_length(dataset)):
             return super()._get_train_sampler(train_dataset)
-        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                    lengths=collator.record_lengths(dataset))
+        return ShuffledLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                            collator.record_lengths(dataset))
 
     def _empty_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums, counts), one slot per name of LOSS_TERMS, on the training device."""
