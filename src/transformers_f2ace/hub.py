@@ -98,6 +98,11 @@ def model_summary(model, processor: UniF2aceProcessor | None = None) -> dict:
         sequence_moe = (f"top-{moe.num_sequence_experts_per_seq} of {moe.num_sequence_experts} per sequence; "
                         f"understanding: {', '.join(moe.mmu_sequence_experts)}; "
                         f"generation: {', '.join(moe.t2i_sequence_experts)}")
+        if moe.mmu_fixed_sequence_route is not None:
+            sequence_moe += f"; understanding always routed to {' + '.join(moe.mmu_fixed_sequence_route)}"
+        if moe.feature_gate_bias > 0:
+            sequence_moe += f"; feature gates opened (bias {moe.feature_gate_bias:g})"
+        sequence_moe += f"; {moe.resampler_type} resampler"
     summary = {
         "params": {"total": _count(counts["total"]), "trainable": _count(counts["total_without_frozen"]),
                    **{key: _count(counts[key]) for key in ("decoder", "sequence_moe", "resamplers", "frozen_encoders",
