@@ -60,10 +60,10 @@ class RecipeArguments:
     The defaults are the embedded model's run, sized to about 90 minutes on an uncontended 2-core CPU: the tokenizer
     (4x downsampling, 256 tokens per 64 px face) for 2,400 steps of 16 images, AdamW 2e-3 with 50 warm-up steps and
     cosine decay (about 0.6 s/step); the semantic encoder's attribute pretraining, 1,500 steps of 128 faces (about
-    2 minutes); then the model for 2,000 steps of 16 records (2.7 epochs of 12,000 faces, about 1.75 s/step), AdamW
+    2 minutes); then the model for 2,000 steps of 16 records (2.7 epochs of 12,000 faces, about 1.35 s/step), AdamW
     1e-3, 100 warm-up steps, cosine decay, 70% generation / 30% understanding records, each understanding record a
     conversation of `questions_per_record` attribute questions (or, for a share `describe_fraction`, "Describe the
-    face."). Every stage prints its own estimate after measuring a few steps. `d3diff_alpha`, `moe` and `vq_dir` are
+    face."), in batches of records of similar length, shuffled (`ShuffledLengthGroupedSampler`). Every stage prints its own estimate after measuring a few steps. `d3diff_alpha`, `moe` and `vq_dir` are
     for the ablations (README): another loss or a dense model on the tokenizer of another run.
     """
 
