@@ -1,5 +1,5 @@
-"""`LengthGroupedBatchSampler`-style ordering for the Trainer: records of similar length share a batch, and the
-batches come in random order.
+"""Length-grouped batches in random order for the Trainer: records of similar length share a batch, and the batches
+come shuffled.
 
 transformers' `LengthGroupedSampler` sorts each mega-batch (50 batches) by length and keeps that order, so with two
 kinds of records of different lengths — T2I captions (~290 tokens with the image) and 10-question conversations
