@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from train_unified import ModelArguments, build_trainer, parse_args, save_result, toy_face_records
+from train_unified import ModelArguments, build_trainer, parse_args, run, save_result, toy_face_records
 from transformers_f2ace.demo import image_grid
 
 
@@ -61,4 +61,4 @@ def main(argv: Sequence[str] | None = None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main, sys.argv[1:])

@@ -30,7 +30,8 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from train_unified import ModelArguments, load_model_and_processor, parse_args, save_result, toy_face_records
+from train_unified import (ModelArguments, load_model_and_processor, parse_args, run, save_result,
+                           toy_face_records)
 from transformers_f2ace.modeling_unif2ace import T2I_TASK, load_balancing_loss
 
 
@@ -140,4 +141,4 @@ def main(argv: Sequence[str] | None = None) -> UniF2aceSFTTrainer:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main, sys.argv[1:])

@@ -233,5 +233,14 @@ def main(argv: Sequence[str] | None = None) -> UniF2aceTrainer:
     return trainer
 
 
+def run(script_main, argv: Sequence[str]) -> None:
+    """Run a script's `main`, then end the process group (under `torchrun` / `accelerate launch`) in order: a rank
+    that exits with gloo's threads still running aborted now and then ("terminate called without an active
+    exception") after a finished run."""
+    script_main(argv)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main, sys.argv[1:])
