@@ -80,8 +80,9 @@ class UniF2aceTrainer(Trainer):
         if (self.args.train_sampling_strategy != "group_by_length" or has_length_column
                 or not isinstance(collator, UniF2aceDataCollator) or not has_length(dataset)):
             return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return ShuffledLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                            collator.record_lengths(dataset))
+                                            collator.record_lengths(dataset), seed=seed)
 
     def _empty_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sums, counts), one slot per name of LOSS_TERMS, on the training device."""
