@@ -451,6 +451,22 @@ def test_length_grouped_batches_come_in_random_order():
     assert max(sum(reference_kinds[k:k + 12]) for k in range(len(reference_kinds) - 12)) >= 11
 
 
+def test_kinds_get_batches_of_their_own_spread_evenly():
+    """With kinds, consecutive micro-batches (one accumulated step) hold different tasks, in proportion."""
+    kinds = ["t2i", "mmu"] * 40 + ["t2i"] * 3  # 43 captions: 5 full batches of 8 and 3 left over; 40 conversations
+    lengths = [290 if kind == "t2i" else 400 + i % 50 for i, kind in enumerate(kinds)]
+    order = list(ShuffledLengthGroupedSampler(8, lengths, seed=0, kinds=kinds))
+    assert sorted(order) == list(range(83))
+    batches = [{kinds[i] for i in order[j:j + 8]} for j in range(0, 80, 8)]
+    assert batches == [{"mmu"}, {"t2i"}] * 5  # equal numbers alternate, in sorted label order; the rest comes last
+    kinds = ["t2i"] * 48 + ["mmu"] * 16  # 6 caption batches, 2 conversation batches: spread, not bunched
+    order = list(ShuffledLengthGroupedSampler(8, [10] * 64, seed=1, kinds=kinds))
+    labels = "".join("m" if kinds[order[j]] == "mmu" else "t" for j in range(0, 64, 8))
+    assert labels == "tmtttmtt"
+    with pytest.raises(ValueError, match="2 labels for 3 records"):
+        ShuffledLengthGroupedSampler(8, [1, 2, 3], kinds=["t2i", "mmu"])
+
+
 def test_length_grouped_order_depends_only_on_seed_and_epoch():
     """What an exact resume in a later epoch needs: the Trainer sets the epoch, the global RNG plays no part."""
     sampler = ShuffledLengthGroupedSampler(4, [10, 30] * 20, seed=3)

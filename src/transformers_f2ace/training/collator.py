@@ -121,7 +121,7 @@ class UniF2aceDataCollator:
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if len(records) == 0:
             raise ValueError("records is empty")
-        kinds = [self._record_kind(record, index) for index, record in enumerate(records)]
+        kinds = self.record_kinds(records)
         t2i = [i for i, kind in enumerate(kinds) if kind == "t2i"]
         mmu = [i for i, kind in enumerate(kinds) if kind == "mmu"]
         rows: list[_Row | None] = [None] * len(records)
@@ -150,10 +150,14 @@ class UniF2aceDataCollator:
         tokens — the row length without the task / BOS / EOS framing — to group records of similar length into batches
         (`train_sampling_strategy="group_by_length"` in [`UniF2aceTrainer`]), so that short T2I rows are not padded
         to the length of long conversations."""
-        texts = [record["caption"] if self._record_kind(record, index) == "t2i" else self._render_chat(record)[0]
-                 for index, record in enumerate(records)]
+        texts = [record["caption"] if kind == "t2i" else self._render_chat(record)[0]
+                 for record, kind in zip(records, self.record_kinds(records))]
         text_lengths = self.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [len(ids) + self.processor.num_image_tokens for ids in text_lengths]
+
+    def record_kinds(self, records: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Per record its task, "t2i" (a caption) or "mmu" (a conversation); raises ValueError on a malformed one."""
+        return [self._record_kind(record, index) for index, record in enumerate(records)]
 
     def _record_kind(self, record: Any, index: int) -> str:
         if not isinstance(record, Mapping):

@@ -41,7 +41,12 @@ class UniF2aceTrainer(Trainer):
     [`~transformers.Trainer`] for [`UniF2aceForConditionalGeneration`] on mixed understanding + generation data.
 
     Takes the same arguments as `Trainer`, plus `balance_loss` (`bool`, *optional*): ask the model for its router
-    logits so that the MoE balance loss joins the loss (default: `config.output_router_logits`).
+    logits so that the MoE balance loss joins the loss (default: `config.output_router_logits`); and
+    `mix_tasks_per_step` (`bool`, default False): with `train_sampling_strategy="group_by_length"`, every micro-batch
+    holds one task's records of similar length and the tasks' micro-batches alternate (in proportion to their numbers),
+    so that with `gradient_accumulation_steps=2` and as many T2I as MMU records every optimizer step sees both tasks
+    (SPEC §4) without padding captions to the length of conversations; without it a step's records are grouped by
+    length alone, so a step is mostly one task.
 
     With `data_collator=None` and a [`UniF2aceProcessor`] as `processing_class`, the collator is
     `UniF2aceDataCollator.from_config(processing_class, model.config)`. A `UniF2aceDataCollator` is wrapped in a
@@ -54,7 +59,7 @@ class UniF2aceTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, balance_loss: bool | None = None, **kwargs):
+                 processing_class=None, balance_loss: bool | None = None, mix_tasks_per_step: bool = False, **kwargs):
         if data_collator is None and isinstance(processing_class, UniF2aceProcessor) and model is not None:
             data_collator = UniF2aceDataCollator.from_config(processing_class, model.config)
         if isinstance(data_collator, UniF2aceDataCollator):
@@ -64,6 +69,7 @@ class UniF2aceTrainer(Trainer):
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), StepSeedCallback(data_collator)]
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
         self.balance_loss = balance_loss
+        self.mix_tasks_per_step = mix_tasks_per_step
         if self.args.remove_unused_columns:
             logger.info("UniF2aceTrainer sets remove_unused_columns=False: the collator reads the raw record columns")
             self.args.remove_unused_columns = False
@@ -81,6 +87,9 @@ class UniF2aceTrainer(Trainer):
                 or not isinstance(collator, UniF2aceDataCollator) or not has_length(dataset)):
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if self.mix_tasks_per_step:
+            return ShuffledLengthGroupedSampler(self.args.train_batch_size, collator.record_lengths(dataset), seed=seed,
+                                                kinds=collator.record_kinds(dataset))
         return ShuffledLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                             collator.record_lengths(dataset), seed=seed)
 
