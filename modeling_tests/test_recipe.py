@@ -152,6 +152,7 @@ def test_eval_cli_writes_table_and_json_with_scores_in_unit_interval(tiny_run, t
     assert "judged attribute accuracy" in card and "Fréchet distance (judge features)" in card
     assert "## Training" in card and "`tiny` preset" in card and f"model for {TINY_RUN['model_steps']} steps" in card
     assert f"semantic (CLIP) encoder on the training faces' attributes for {TINY_RUN['semantic_steps']} steps" in card
+    assert "one micro-batch of each task per step" in card  # the recipe's default mix_tasks
     repo_id = "org/tiny-face"  # a name for the card's usage snippets; nothing is downloaded
     assert f'from_pretrained("{repo_id}")' in card
 
@@ -190,7 +191,7 @@ def test_eval_without_judge_skips_generation_with_a_message(tiny_run, capsys):
     assert "Generation metrics skipped: no --judge folder given" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command, options", [("train", ("--resume", "--model-steps", "--t2i-fraction", "--semantic-steps")),
+@pytest.mark.parametrize("command, options", [("train", ("--resume", "--model-steps", "--t2i-fraction", "--semantic-steps", "--no-mix-tasks")),
                                               ("eval", ("--judge", "--num", "--json"))])
 def test_cli_help(command, options, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -258,6 +259,9 @@ def test_train_cli_vq_stage_saves_a_loadable_tokenizer(tmp_path, capsys):
 def test_train_cli_rejects_bad_arguments():
     with pytest.raises(SystemExit, match="t2i_fraction must be in"):
         main(["train", "unused", "--t2i-fraction", "1.5"])
+    with pytest.raises(SystemExit, match="batch_size must be even"):
+        main(["train", "unused", "--batch-size", "15"])
+    RecipeArguments(output_dir="unused", batch_size=15, mix_tasks=False)  # one batch per step: any size
 
 
 def test_ablation_switches_change_the_trained_model(tiny_run, tmp_path):
@@ -275,11 +279,13 @@ def test_ablation_switches_change_the_trained_model(tiny_run, tmp_path):
     vq_weights = load_file(output / "vq" / "model.safetensors")
     for name, tensor in model.model.vq.state_dict().items():
         torch.testing.assert_close(tensor, vq_weights[name], rtol=0, atol=0)
-    # the score term is logged but weighs 0, and a dense model has no balance loss: loss = text + mask terms
+    # the score term is logged but weighs 0, and a dense model has no balance loss; with `mix_tasks` (the default)
+    # each step accumulates one micro-batch per task (8 captions, 8 conversations, micro-batches of 2), so every step
+    # logs both terms and its loss is the mean of the two micro-batches' losses: (text + mask) / 2
     entries = [entry for entry in result.log_history if "mask_loss" in entry]
-    assert entries and all("aux_loss" not in entry and entry["score_loss"] > 0 for entry in entries)
-    for entry in entries:  # a batch without understanding rows has no text term
-        assert entry["loss"] == pytest.approx(entry.get("text_loss", 0.0) + entry["mask_loss"], rel=1e-3)
+    assert len(entries) == 4 and all("aux_loss" not in entry and entry["score_loss"] > 0 for entry in entries)
+    for entry in entries:
+        assert entry["loss"] == pytest.approx((entry["text_loss"] + entry["mask_loss"]) / 2, rel=1e-3)
 
 
 def test_vq_dir_goes_only_with_stage_model(tmp_path):

@@ -108,7 +108,7 @@ def _train(args: argparse.Namespace) -> int:
             semantic_batch_size=args.semantic_batch_size, semantic_lr=args.semantic_lr, model_steps=args.model_steps,
             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
             t2i_fraction=args.t2i_fraction, describe_fraction=args.describe_fraction,
-            questions_per_record=args.questions_per_record, save_steps=args.save_steps,
+            questions_per_record=args.questions_per_record, mix_tasks=not args.no_mix_tasks, save_steps=args.save_steps,
             logging_steps=args.logging_steps, resume=args.resume, progress=not args.no_progress,
             d3diff_alpha=args.d3diff_alpha, moe=not args.no_moe,
         )
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="share of understanding records that ask 'Describe the face.'")
     train.add_argument("--questions-per-record", type=int, default=defaults.questions_per_record,
                        help="attribute questions per understanding conversation")
+    train.add_argument("--no-mix-tasks", action="store_true",
+                       help="group each step's records by length alone (mostly one task per step) instead of one "
+                            "micro-batch per task")
     train.add_argument("--save-steps", type=int, default=defaults.save_steps, help="checkpoint every N steps")
     train.add_argument("--logging-steps", type=int, default=defaults.logging_steps, help="log losses every N steps")
     train.add_argument("--seed", type=int, default=defaults.seed, help="dataset, initialisation and mask seed")

@@ -60,11 +60,14 @@ class RecipeArguments:
     The defaults are the embedded model's run, sized to about 90 minutes on an uncontended 2-core CPU: the tokenizer
     (4x downsampling, 256 tokens per 64 px face) for 2,400 steps of 16 images, AdamW 2e-3 with 50 warm-up steps and
     cosine decay (about 0.6 s/step); the semantic encoder's attribute pretraining, 1,500 steps of 128 faces (about
-    2 minutes); then the model for 2,000 steps of 16 records (2.7 epochs of 12,000 faces, about 1.35 s/step), AdamW
-    1e-3, 100 warm-up steps, cosine decay, 70% generation / 30% understanding records, each understanding record a
+    2 minutes); then the model for 2,200 steps of 16 records (2.9 epochs of 12,000 faces, about 1.2 s/step), AdamW
+    1e-3, 100 warm-up steps, cosine decay, 50% generation / 50% understanding records, each understanding record a
     conversation of `questions_per_record` attribute questions (or, for a share `describe_fraction`, "Describe the
-    face."), in batches of records of similar length, shuffled (`ShuffledLengthGroupedSampler`). Every stage prints its own estimate after measuring a few steps. `d3diff_alpha`, `moe` and `vq_dir` are
-    for the ablations (README): another loss or a dense model on the tokenizer of another run.
+    face."). With `mix_tasks` every step accumulates one micro-batch of half the records of each task, each of
+    records of similar length (`UniF2aceTrainer(mix_tasks_per_step=True)`); without it the step's records are grouped
+    by length alone (so a step is mostly one task), batches shuffled (`ShuffledLengthGroupedSampler`) either way.
+    Every stage prints its own estimate after measuring a few steps. `d3diff_alpha`, `moe` and `vq_dir` are for the
+    ablations (README): another loss or a dense model on the tokenizer of another run.
     """
 
     output_dir: str
@@ -83,14 +86,15 @@ class RecipeArguments:
     semantic_batch_size: int = 128
     semantic_lr: float = 2e-3
     semantic_probe_faces: int = 500  # validation faces of the encoder's probe accuracy
-    model_steps: int = 2000
+    model_steps: int = 2200
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    t2i_fraction: float = 0.7
-    describe_fraction: float = 0.2
+    t2i_fraction: float = 0.5
+    describe_fraction: float = 0.1
     questions_per_record: int = 10
+    mix_tasks: bool = True
     save_steps: int = 100
     save_total_limit: int = 2
     logging_steps: int = 25
@@ -125,6 +129,9 @@ class RecipeArguments:
         for name in ("t2i_fraction", "describe_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mix_tasks and self.batch_size % 2:
+            raise ValueError(f"mix_tasks takes half the batch from each task: batch_size must be even, got "
+                             f"{self.batch_size}")
 
 
 @dataclass
@@ -358,7 +365,9 @@ def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: l
         (output / SEMANTIC_PROBE_FILE).unlink(missing_ok=True)
         semantic_probe = pretrain_semantic_encoder(args, model, processor, examples)
     training_args = TrainingArguments(
-        output_dir=str(checkpoints), max_steps=args.model_steps, per_device_train_batch_size=args.batch_size,
+        output_dir=str(checkpoints), max_steps=args.model_steps,
+        per_device_train_batch_size=args.batch_size // 2 if args.mix_tasks else args.batch_size,
+        gradient_accumulation_steps=2 if args.mix_tasks else 1,
         learning_rate=args.lr, warmup_steps=args.warmup_steps, lr_scheduler_type="cosine",
         weight_decay=args.weight_decay, max_grad_norm=1.0, logging_steps=args.logging_steps,
         save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.save_total_limit,
@@ -367,6 +376,7 @@ def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: l
     )
     trainer = UniF2aceTrainer(
         model=model, args=training_args, train_dataset=records, processing_class=processor, balance_loss=True,
+        mix_tasks_per_step=args.mix_tasks,
         callbacks=[EstimateCallback(args.model_steps)],
     )
     trainer.train(resume_from_checkpoint=resume_from)
@@ -645,7 +655,8 @@ def training_summary(recipe: dict[str, Any]) -> str:
         f"(batch {recipe['vq_batch_size']}, AdamW {recipe['vq_lr']:g}, cosine), "
         f"{semantic}then the model for "
         f"{recipe['model_steps']:,} steps (batch {recipe['batch_size']}, AdamW {recipe['lr']:g}, cosine, "
-        f"{recipe['t2i_fraction']:.0%} generation / {1 - recipe['t2i_fraction']:.0%} understanding records), "
+        f"{recipe['t2i_fraction']:.0%} generation / {1 - recipe['t2i_fraction']:.0%} understanding records"
+        f"{', one micro-batch of each task per step' if recipe.get('mix_tasks') else ''}), "
         "on a 2-core CPU. The evaluation metrics come from `unif2ace eval` on the held-out test split."
     )
 
