@@ -431,6 +431,13 @@ def test_group_by_length_keeps_captions_and_long_conversations_apart(tmp_path, t
     assert len(mixed) <= 1
 
 
+def test_mix_tasks_per_step_needs_length_grouping(tmp_path, tiny_config, tiny_processor):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="needs train_sampling_strategy='group_by_length'"):
+        UniF2aceTrainer(model=UniF2aceForConditionalGeneration(tiny_config), args=args, train_dataset=mixed_records(),
+                        processing_class=tiny_processor, mix_tasks_per_step=True)
+
+
 def test_length_grouped_batches_come_in_random_order():
     lengths = [290] * 2400 + [450] * 800 + [300] * 5  # captions, long conversations; 3205: one partial batch
     order = list(ShuffledLengthGroupedSampler(16, lengths, seed=0))

@@ -68,6 +68,9 @@ class UniF2aceTrainer(Trainer):
         if isinstance(data_collator, StepSeededCollator):
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), StepSeedCallback(data_collator)]
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, **kwargs)
+        if mix_tasks_per_step and self.args.train_sampling_strategy != "group_by_length":
+            raise ValueError("mix_tasks_per_step=True groups each task's records by length: it needs "
+                             f"train_sampling_strategy='group_by_length', got {self.args.train_sampling_strategy!r}")
         self.balance_loss = balance_loss
         self.mix_tasks_per_step = mix_tasks_per_step
         if self.args.remove_unused_columns:
