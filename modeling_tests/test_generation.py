@@ -145,3 +145,22 @@ def test_a_single_prompt_generates(tiny_model, tiny_processor, tiny_config):
     prompt = tiny_processor(text=PROMPTS[0], return_tensors="pt")
     images = tiny_model.generate_images(**prompt, num_inference_steps=2, progress=False)
     assert len(images) == 1 and images[0].size == (tiny_config.vq_config.resolution,) * 2
+
+
+def test_skip_logits_keeps_both_losses_of_a_batch_with_labels_and_masked_images(tiny_processor, tiny_config):
+    batch = t2i_training_batch(tiny_processor, tiny_config)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == tiny_config.mask_token_id, -100)
+    batch["labels"] = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    outputs, grads = [], []
+    for skip_logits in (False, True):
+        torch.manual_seed(0)
+        model = UniF2aceForConditionalGeneration(tiny_config)
+        out = model(**batch, skip_logits=skip_logits)
+        out.loss.backward()
+        outputs.append(out)
+        grads.append(model.lm_head.weight.grad.clone())
+    full, skipped = outputs
+    assert full.logits is not None and skipped.logits is None
+    for term in ("text_loss", "mask_loss", "score_loss", "loss"):
+        torch.testing.assert_close(getattr(skipped, term), getattr(full, term), atol=1e-5, rtol=1e-5, msg=term)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)

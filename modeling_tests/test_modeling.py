@@ -190,6 +190,32 @@ def test_labels_give_shifted_next_token_loss(tiny_model, tiny_config):
     torch.testing.assert_close(out.loss, expected)
 
 
+def losses_and_gradients(model, batch, **kwargs):
+    """(outputs, {parameter name: gradient}) of one backward pass of `outputs.loss`."""
+    model.zero_grad()
+    out = model(**batch, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_skip_logits_gives_the_same_loss_and_gradients(tiny_config):
+    torch.manual_seed(0)
+    model = UniF2aceForConditionalGeneration(tiny_config)
+    ids = torch.cat([mmu_ids(tiny_config, TEXT), mmu_ids(tiny_config, TEXT, seed=2)])
+    labels = ids.clone()
+    labels[:, : -len(TEXT)] = -100
+    labels[1, -2:] = -100  # rows with different numbers of labelled positions
+    batch = {"input_ids": ids, "labels": labels, "output_router_logits": True}
+    full, full_grads = losses_and_gradients(model, batch)
+    skipped, skipped_grads = losses_and_gradients(model, batch, skip_logits=True)
+    assert full.logits is not None and skipped.logits is None
+    torch.testing.assert_close(skipped.text_loss, full.text_loss)
+    torch.testing.assert_close(skipped.loss, full.loss)
+    assert skipped_grads.keys() == full_grads.keys() and "lm_head.weight" in full_grads
+    for name in full_grads:
+        torch.testing.assert_close(skipped_grads[name], full_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_router_aux_loss_is_added_when_requested(tiny_model, tiny_config):
     ids = mmu_ids(tiny_config, TEXT)
     plain = tiny_model(ids, labels=ids)

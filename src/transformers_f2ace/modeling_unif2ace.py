@@ -98,7 +98,8 @@ class UniF2aceCausalLMOutputWithPast(ModelOutput):
     """`loss` = text next-token CE + D3Diff (image_generation_mask given) + `router_aux_loss_coef` * `aux_loss`
     (+ `moe_config.router_z_loss_coef` * `z_loss`) when router logits are returned; the parts are `text_loss`,
     `mask_loss` / `score_loss` (D3Diff), `aux_loss` and `z_loss`.
-    `logits` (B, T, V); None when only the generation loss was asked for (full logits are never built then)."""
+    `logits` (B, T, V); None when only the generation loss was asked for, or with `skip_logits` (full logits are
+    never built then)."""
 
     loss: torch.FloatTensor | None = None
     text_loss: torch.FloatTensor | None = None
@@ -801,6 +802,7 @@ class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin)
         identity_embeds: torch.FloatTensor | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> UniF2aceCausalLMOutputWithPast:
         r"""
@@ -808,7 +810,11 @@ class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin)
         image_generation_mask (B, T) bool + mask_ratio (B,): T2I training — the masked image positions to predict and
             each image's mask ratio r (default: the realised share of masked image tokens); adds the D3Diff loss.
         With `output_router_logits` (default `config.output_router_logits`) and a token MoE,
-        `router_aux_loss_coef * aux_loss` is added. Other arguments: see [`UniF2aceModel.forward`].
+        `router_aux_loss_coef * aux_loss` is added.
+        skip_logits: build no (B, T, V) logits (`logits` is None): the LM head runs only at the labelled positions
+            (text loss) and, chunked, at the masked image positions (D3Diff) — the same losses with far less work
+            when only they are needed (training; [`UniF2aceTrainer`] sets it).
+        Other arguments: see [`UniF2aceModel.forward`].
         """
         output_router_logits = (
             self.config.output_router_logits if output_router_logits is None else output_router_logits
@@ -832,14 +838,12 @@ class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin)
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        generation_only = labels is None and image_generation_mask is not None
-        logits = None if generation_only else self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        skip_logits = skip_logits or (labels is None and image_generation_mask is not None)
+        logits = None if skip_logits else self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         losses = {}
         if labels is not None:
-            losses["text_loss"] = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
-            )
+            losses["text_loss"] = self._text_loss(hidden_states, logits, labels, **kwargs)
         if image_generation_mask is not None:
             generation = self._generation_loss(hidden_states, logits, outputs.image_targets, mask_ratio)
             losses.update(mask_loss=generation.mask_loss, score_loss=generation.score_loss, d3diff=generation.loss)
@@ -872,6 +876,18 @@ class UniF2aceForConditionalGeneration(UniF2acePreTrainedModel, GenerationMixin)
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+        )
+
+    def _text_loss(self, hidden_states, logits, labels, **kwargs) -> torch.Tensor:
+        """Next-token CE of `labels` (B, T): on the given logits, or — when none were built — on the LM head applied
+        to the hidden states of the labelled positions only (those whose next token is a label)."""
+        if logits is not None:
+            return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].to(hidden_states.device)
+        labelled = shift_labels != -100
+        return self.loss_function(
+            logits=self.lm_head(hidden_states[labelled]), labels=None, vocab_size=self.config.vocab_size,
+            shift_labels=shift_labels[labelled], **kwargs,
         )
 
     def _generation_loss(self, hidden_states, logits, image_targets, mask_ratio) -> D3DiffOutput:

@@ -109,10 +109,12 @@ class UniF2aceTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         """`outputs.loss` of the model (text CE + D3Diff + λ · balance), a mean over this micro-batch
-        (`num_items_in_batch` is ignored, see the module docstring); records the separate terms for logging."""
+        (`num_items_in_batch` is ignored, see the module docstring); records the separate terms for logging. Unless
+        the outputs are asked for, the model builds no full logits (`skip_logits`): the losses need only the labelled
+        and masked positions."""
         if self.balance_loss is not None:
             inputs = {**inputs, "output_router_logits": self.balance_loss}
-        outputs = model(**inputs)
+        outputs = model(**inputs, skip_logits=not return_outputs)
         if outputs.loss is None:
             raise ValueError(
                 "The model returned no loss: a batch needs `labels` (MMU rows) or `image_generation_mask` (T2I rows); "
