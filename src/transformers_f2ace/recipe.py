@@ -60,7 +60,7 @@ class RecipeArguments:
     The defaults are the embedded model's run, sized to about 90 minutes on an uncontended 2-core CPU: the tokenizer
     (4x downsampling, 256 tokens per 64 px face) for 2,400 steps of 16 images, AdamW 2e-3 with 50 warm-up steps and
     cosine decay (about 0.6 s/step); the semantic encoder's attribute pretraining, 1,500 steps of 128 faces (about
-    2 minutes); then the model for 2,200 steps of 16 records (2.9 epochs of 12,000 faces, about 1.2 s/step), AdamW
+    2 minutes); then the model for 3,000 steps of 16 records (4.0 epochs of 12,000 faces, 0.9-1.4 s/step), AdamW
     1e-3, 100 warm-up steps, cosine decay, 50% generation / 50% understanding records, each understanding record a
     conversation of `questions_per_record` attribute questions (or, for a share `describe_fraction`, "Describe the
     face."). With `mix_tasks` every step accumulates one micro-batch of half the records of each task, each of
@@ -86,7 +86,7 @@ class RecipeArguments:
     semantic_batch_size: int = 128
     semantic_lr: float = 2e-3
     semantic_probe_faces: int = 500  # validation faces of the encoder's probe accuracy
-    model_steps: int = 2200
+    model_steps: int = 3000
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 100
