@@ -22,6 +22,7 @@ from transformers_f2ace.recipe import (
     caption_mentions,
     check_records_fit,
     mixed_records,
+    model_training_arguments,
     normalise_answer,
     recipe_config,
     run_recipe,
@@ -261,7 +262,19 @@ def test_train_cli_rejects_bad_arguments():
         main(["train", "unused", "--t2i-fraction", "1.5"])
     with pytest.raises(SystemExit, match="batch_size must be even"):
         main(["train", "unused", "--batch-size", "15"])
+    with pytest.raises(SystemExit, match=r"adam_beta2 must be in \[0, 1\)"):
+        main(["train", "unused", "--adam-beta2", "1"])
     RecipeArguments(output_dir="unused", batch_size=15, mix_tasks=False)  # one batch per step: any size
+
+
+def test_model_stage_optimizer_follows_the_recipe(tmp_path):
+    args = RecipeArguments(output_dir=str(tmp_path), lr=2e-3, adam_beta2=0.95, weight_decay=0.1, batch_size=16)
+    training = model_training_arguments(args, tmp_path / "checkpoints")
+    assert (training.learning_rate, training.adam_beta2, training.weight_decay) == (2e-3, 0.95, 0.1)
+    assert training.per_device_train_batch_size == 8 and training.gradient_accumulation_steps == 2  # one per task
+    single = model_training_arguments(RecipeArguments(output_dir=str(tmp_path), mix_tasks=False), tmp_path)
+    assert single.per_device_train_batch_size == 16 and single.gradient_accumulation_steps == 1
+    assert single.adam_beta2 == 0.999  # AdamW's usual default unless asked
 
 
 def test_ablation_switches_change_the_trained_model(tiny_run, tmp_path):

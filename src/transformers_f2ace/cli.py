@@ -107,7 +107,7 @@ def _train(args: argparse.Namespace) -> int:
             vq_warmup_steps=args.vq_warmup_steps, vq_dir=args.vq_dir, semantic_steps=args.semantic_steps,
             semantic_batch_size=args.semantic_batch_size, semantic_lr=args.semantic_lr, model_steps=args.model_steps,
             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-            t2i_fraction=args.t2i_fraction, describe_fraction=args.describe_fraction,
+            adam_beta2=args.adam_beta2, t2i_fraction=args.t2i_fraction, describe_fraction=args.describe_fraction,
             questions_per_record=args.questions_per_record, mix_tasks=not args.no_mix_tasks, save_steps=args.save_steps,
             logging_steps=args.logging_steps, resume=args.resume, progress=not args.no_progress,
             d3diff_alpha=args.d3diff_alpha, moe=not args.no_moe,
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (cosine decay)")
     train.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warm-up steps")
     train.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    train.add_argument("--adam-beta2", type=float, default=defaults.adam_beta2,
+                       help="AdamW second-moment decay")
     train.add_argument("--t2i-fraction", type=float, default=defaults.t2i_fraction,
                        help="share of generation records; the rest are understanding records")
     train.add_argument("--describe-fraction", type=float, default=defaults.describe_fraction,

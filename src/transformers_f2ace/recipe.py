@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from .configuration_unif2ace import UniF2aceConfig
@@ -91,6 +91,7 @@ class RecipeArguments:
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
+    adam_beta2: float = 0.999
     t2i_fraction: float = 0.5
     describe_fraction: float = 0.1
     questions_per_record: int = 10
@@ -126,6 +127,8 @@ class RecipeArguments:
         if self.warmup_steps < 0 or self.vq_warmup_steps < 0 or self.weight_decay < 0:
             raise ValueError(f"warmup_steps, vq_warmup_steps and weight_decay must be >= 0, got {self.warmup_steps}, "
                              f"{self.vq_warmup_steps}, {self.weight_decay}")
+        if not 0.0 <= self.adam_beta2 < 1.0:
+            raise ValueError(f"adam_beta2 must be in [0, 1), got {self.adam_beta2}")
         for name in ("t2i_fraction", "describe_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -338,10 +341,24 @@ def check_records_fit(records: list[dict[str, Any]], processor: UniF2aceProcesso
                              "(conversations too long? lower questions_per_record)") from error
 
 
+def model_training_arguments(args: RecipeArguments, checkpoints: Path) -> TrainingArguments:
+    """The `TrainingArguments` of stage model: AdamW with cosine decay, checkpoints in `checkpoints`, batches grouped
+    by length; with `mix_tasks`, two accumulated micro-batches of half the records each (one per task)."""
+    return TrainingArguments(
+        output_dir=str(checkpoints), max_steps=args.model_steps,
+        per_device_train_batch_size=args.batch_size // 2 if args.mix_tasks else args.batch_size,
+        gradient_accumulation_steps=2 if args.mix_tasks else 1,
+        learning_rate=args.lr, warmup_steps=args.warmup_steps, lr_scheduler_type="cosine",
+        weight_decay=args.weight_decay, adam_beta2=args.adam_beta2, max_grad_norm=1.0, logging_steps=args.logging_steps,
+        save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+        seed=args.seed, report_to="none", use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False,
+        disable_tqdm=not args.progress, train_sampling_strategy="group_by_length",
+    )
+
+
 def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: list[dict[str, Any]]):
     """Stage 2: the semantic encoder's pretraining (skipped on resume), then the unified MMU + T2I training; returns
     the trainer after saving `output_dir/final`, and the encoder's probe accuracy (None when skipped)."""
-    from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     from .training import UniF2aceTrainer
@@ -364,18 +381,8 @@ def train_model_stage(args: RecipeArguments, config: UniF2aceConfig, examples: l
     if resume_from is None:
         (output / SEMANTIC_PROBE_FILE).unlink(missing_ok=True)
         semantic_probe = pretrain_semantic_encoder(args, model, processor, examples)
-    training_args = TrainingArguments(
-        output_dir=str(checkpoints), max_steps=args.model_steps,
-        per_device_train_batch_size=args.batch_size // 2 if args.mix_tasks else args.batch_size,
-        gradient_accumulation_steps=2 if args.mix_tasks else 1,
-        learning_rate=args.lr, warmup_steps=args.warmup_steps, lr_scheduler_type="cosine",
-        weight_decay=args.weight_decay, max_grad_norm=1.0, logging_steps=args.logging_steps,
-        save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.save_total_limit,
-        seed=args.seed, report_to="none", use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False,
-        disable_tqdm=not args.progress, train_sampling_strategy="group_by_length",
-    )
     trainer = UniF2aceTrainer(
-        model=model, args=training_args, train_dataset=records, processing_class=processor, balance_loss=True,
+        model=model, args=model_training_arguments(args, checkpoints), train_dataset=records, processing_class=processor, balance_loss=True,
         mix_tasks_per_step=args.mix_tasks,
         callbacks=[EstimateCallback(args.model_steps)],
     )
