@@ -61,7 +61,7 @@ class RecipeArguments:
     (4x downsampling, 256 tokens per 64 px face) for 2,400 steps of 16 images, AdamW 2e-3 with 50 warm-up steps and
     cosine decay (about 0.6 s/step); the semantic encoder's attribute pretraining, 1,500 steps of 128 faces (about
     2 minutes); then the model for 3,000 steps of 16 records (4.0 epochs of 12,000 faces, 0.9-1.4 s/step), AdamW
-    1e-3, 100 warm-up steps, cosine decay, 50% generation / 50% understanding records, each understanding record a
+    5e-4, 100 warm-up steps, cosine decay, 50% generation / 50% understanding records, each understanding record a
     conversation of `questions_per_record` attribute questions (or, for a share `describe_fraction`, "Describe the
     face."). With `mix_tasks` every step accumulates one micro-batch of half the records of each task, each of
     records of similar length (`UniF2aceTrainer(mix_tasks_per_step=True)`); without it the step's records are grouped
@@ -88,7 +88,7 @@ class RecipeArguments:
     semantic_probe_faces: int = 500  # validation faces of the encoder's probe accuracy
     model_steps: int = 3000
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 5e-4
     warmup_steps: int = 100
     weight_decay: float = 0.01
     adam_beta2: float = 0.999
