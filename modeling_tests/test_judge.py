@@ -15,6 +15,7 @@ from transformers_f2ace.evaluation import (
     FaceJudge,
     FaceJudgeConfig,
     attribute_accuracy,
+    bootstrap_interval,
     frechet_distance,
 )
 
@@ -104,13 +105,35 @@ def test_attribute_accuracy_matches_hand_computation():
     assert report["per_category"] == {"hat": 1.0, "smiling": 0.0}
     assert report["exact_match"] == 0.5
     assert report["num_scored"] == 3
+    assert report["image_hits"] == [1, 1] and report["image_scored"] == [2, 1]
     # With hidden targets scored, image 2's beard (predicted "full", target not visible) is a miss.
     hidden = attribute_accuracy(predictions, targets, include_hidden=True)
     assert hidden["accuracy"] == pytest.approx(2 / 4)
     assert hidden["per_category"]["beard"] == 0.0
     assert hidden["exact_match"] == 0.0
+    assert hidden["image_hits"] == [1, 1] and hidden["image_scored"] == [2, 2]
     with pytest.raises(ValueError, match="same length"):
         attribute_accuracy(predictions, targets[:1])
+
+
+def test_bootstrap_interval_resamples_clusters():
+    # Two faces, one right and one wrong question each way: a resample holds face A twice (accuracy 1), B twice (0)
+    # or both (0.5), with chances 1/4, 1/4, 1/2, so the 95% interval spans [0, 1].
+    assert bootstrap_interval([1, 0], [1, 1]) == (0.0, 1.0)
+    # Every face at the same accuracy: no spread, whatever the resample.
+    assert bootstrap_interval([3, 6, 9], [4, 8, 12]) == pytest.approx((0.75, 0.75))
+    # Clusters, not items, are resampled: 40 faces of 25 questions each, half the faces all right and half all wrong,
+    # vary like 40 coin flips (standard error 0.079), far more than 1,000 independent answers would (0.016).
+    low, high = bootstrap_interval([25] * 20 + [0] * 20, [25] * 40)
+    assert low < 0.5 < high and high - low > 4 * 0.079 * 0.8
+    # ... and the interval narrows as faces are added
+    wider, narrower = (bootstrap_interval([1, 0] * n, [1, 1] * n) for n in (20, 500))
+    assert narrower[1] - narrower[0] < (wider[1] - wider[0]) / 3
+    for hits, counts in (([1], [1, 1]), ([], []), ([0, 0], [0, 0])):
+        with pytest.raises(ValueError, match="hits and counts"):
+            bootstrap_interval(hits, counts)
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_interval([1], [1], confidence=1.0)
 
 
 def test_frechet_distance_identical_symmetric_and_positive():

@@ -165,6 +165,10 @@ def test_eval_cli_writes_table_and_json_with_scores_in_unit_interval(tiny_run, t
               *report["generation"]["judged_accuracy"].values()]
     assert all(0.0 <= score <= 1.0 for score in scores)
     generation = report["generation"]
+    # 95% bootstrap intervals over the faces hold the point estimates, and the table prints them
+    for (low, high), value in ((understanding["vqa_overall_ci95"], understanding["vqa_overall"]),
+                               (generation["judged_accuracy_ci95"], generation["judged_accuracy"]["overall"])):
+        assert 0.0 <= low <= value <= high <= 1.0 and f"{value:.3f} [{low:.3f}, {high:.3f}]" in table
     assert math.isfinite(generation["frechet_distance"]) and generation["frechet_distance"] >= 0
     assert math.isfinite(generation["frechet_floor"]) and generation["frechet_floor"] >= 0
     assert 0.0 <= generation["tokenizer_ceiling"] <= 1.0 and "the ceiling of generation" in table

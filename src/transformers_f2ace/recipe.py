@@ -509,23 +509,31 @@ def evaluate_understanding(model, processor, examples: list[dict[str, Any]], max
                            prior: dict[str, str] | None = None) -> dict[str, Any]:
     """VQA exact-match accuracy per attribute (and overall, micro) and caption attribute recall (micro); with
     `prior` (an [`answer_prior`]), the same accuracies of always giving the prior's answer (`vqa_prior`,
-    `vqa_prior_overall`): the baseline that shows whether the model looks at the image."""
+    `vqa_prior_overall`): the baseline that shows whether the model looks at the image. `vqa_overall_ci95`: a 95%
+    bootstrap interval of `vqa_overall` over the faces."""
+    from .evaluation.metrics import bootstrap_interval
+
     correct: dict[str, list[int]] = {}
     baseline: dict[str, list[int]] = {}
+    face_right, face_asked = [], []
     hits = counted = 0
     for example in examples:
         items = attribute_questions(example["attributes"])
         answers = answer_questions(model, processor, example["image"],
                                    [question for _, question, _ in items] + [DESCRIBE_QUESTION], max_new_tokens)
+        face_right.append(0)
         for (name, _, truth), answer in zip(items, answers):
             correct.setdefault(name, []).append(int(normalise_answer(answer) == normalise_answer(truth)))
+            face_right[-1] += correct[name][-1]
             if prior is not None:
                 baseline.setdefault(name, []).append(int(prior.get(name) == normalise_answer(truth)))
+        face_asked.append(len(items))
         face_hits, face_counted = caption_mentions(example["attributes"], answers[-1])
         hits, counted = hits + face_hits, counted + face_counted
     accuracy, overall = _accuracies(correct)
-    report = {"vqa_accuracy": accuracy, "vqa_overall": overall, "vqa_questions": sum(map(len, correct.values())),
-              "caption_recall": hits / counted if counted else 0.0}
+    report = {"vqa_accuracy": accuracy, "vqa_overall": overall,
+              "vqa_overall_ci95": bootstrap_interval(face_right, face_asked),
+              "vqa_questions": sum(map(len, correct.values())), "caption_recall": hits / counted if counted else 0.0}
     if prior is not None:
         report["vqa_prior"], report["vqa_prior_overall"] = _accuracies(baseline)
     return report
@@ -548,9 +556,16 @@ def reconstruction_accuracy(model, processor, examples: list[dict[str, Any]], ju
 
 def judged_accuracy(judge, images: list, examples: list[dict[str, Any]]) -> dict[str, float]:
     """The judge's accuracy on `images` against the examples' attributes: per attribute and `overall`."""
+    return _accuracy_table(_judged_scores(judge, images, examples))
+
+
+def _judged_scores(judge, images: list, examples: list[dict[str, Any]]) -> dict[str, Any]:
     from .evaluation import attribute_accuracy
 
-    scores = attribute_accuracy(judge.predict(images), [example["attributes"] for example in examples])
+    return attribute_accuracy(judge.predict(images), [example["attributes"] for example in examples])
+
+
+def _accuracy_table(scores: dict[str, Any]) -> dict[str, float]:
     return {**scores["per_category"], "overall": scores["accuracy"]}
 
 
@@ -562,8 +577,9 @@ def evaluate_generation(model, processor, examples: list[dict[str, Any]], judge_
     real-vs-real floor `frechet_floor` (the distance between the examples' and the reference faces: the Fréchet
     distance is biased upwards at small sample sizes, so compare against this floor at the same size); and the
     `tokenizer_ceiling` (overall; per attribute in `tokenizer_ceiling_per_attribute`, see
-    [`reconstruction_accuracy`]). Needs `transformers_f2ace.evaluation`."""
-    from .evaluation import FaceJudge, frechet_distance
+    [`reconstruction_accuracy`]); `judged_accuracy_ci95`, a 95% bootstrap interval of the overall judged accuracy
+    over the faces. Needs `transformers_f2ace.evaluation`."""
+    from .evaluation import FaceJudge, bootstrap_interval, frechet_distance
 
     judge = FaceJudge.from_pretrained(judge_dir)
     generator = torch.Generator().manual_seed(seed)
@@ -574,7 +590,9 @@ def evaluate_generation(model, processor, examples: list[dict[str, Any]], judge_
                                            generator=generator, progress=False)
     real = judge.embed([example["image"] for example in examples])
     ceiling = reconstruction_accuracy(model, processor, examples, judge)
-    report = {"judged_accuracy": judged_accuracy(judge, generated, examples),
+    scores = _judged_scores(judge, generated, examples)
+    report = {"judged_accuracy": _accuracy_table(scores),
+              "judged_accuracy_ci95": bootstrap_interval(scores["image_hits"], scores["image_scored"]),
               "frechet_distance": float(frechet_distance(judge.embed(generated), real)),
               "tokenizer_ceiling": ceiling["overall"], "tokenizer_ceiling_per_attribute": ceiling}
     if reference is not None:
@@ -682,9 +700,14 @@ def write_model_card(model_dir: str | Path, report: dict[str, Any], repo_id: str
     return path
 
 
+def _interval(bounds: list[float] | None) -> str:
+    return f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else ""
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The report as a markdown table: one row per attribute (VQA accuracy, the majority-answer baseline when the
-    report has it, judged generation accuracy, the judge on tokenizer reconstructions when the report has it)."""
+    report has it, judged generation accuracy, the judge on tokenizer reconstructions when the report has it); the
+    overall row gives 95% bootstrap intervals over the faces in brackets where the report has them."""
     understanding = report["understanding"]
     generation = report.get("generation", {}).get("judged_accuracy", {})
     ceiling = report.get("generation", {}).get("tokenizer_ceiling_per_attribute", {})
@@ -700,8 +723,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines += [f"| {name} | {cell(vqa, name)} | {cell(prior, name)} | {cell(generation, name)} | {cell(ceiling, name)} |"
               for name in names]
     prior_overall = f"{understanding['vqa_prior_overall']:.3f}" if "vqa_prior_overall" in understanding else "-"
-    overall = f"{understanding['vqa_overall']:.3f}"
-    lines.append(f"| **overall** | {overall} | {prior_overall} | {cell(generation, 'overall')} "
+    overall = f"{understanding['vqa_overall']:.3f}{_interval(understanding.get('vqa_overall_ci95'))}"
+    judged = f"{cell(generation, 'overall')}{_interval(report.get('generation', {}).get('judged_accuracy_ci95'))}"
+    lines.append(f"| **overall** | {overall} | {prior_overall} | {judged} "
                  f"| {cell(ceiling, 'overall')} |")
     lines.append("")
     lines.append(f"Caption attribute recall: {understanding['caption_recall']:.3f} "

@@ -6,7 +6,7 @@
 import os
 
 from .judge import DEFAULT_JUDGE_PATH, NULLABLE, FaceJudge, FaceJudgeConfig
-from .metrics import attribute_accuracy, frechet_distance, gaussian_statistics
+from .metrics import attribute_accuracy, bootstrap_interval, frechet_distance, gaussian_statistics
 
 
 METRICS_PATH = os.path.join(os.path.dirname(__file__), "evaluate_modules")
@@ -18,6 +18,7 @@ __all__ = [
     "FaceJudge",
     "FaceJudgeConfig",
     "attribute_accuracy",
+    "bootstrap_interval",
     "frechet_distance",
     "gaussian_statistics",
 ]

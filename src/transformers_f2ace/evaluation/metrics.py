@@ -16,30 +16,51 @@ def attribute_accuracy(predictions: Sequence[dict], targets: Sequence[dict], inc
 
     Returns:
         `accuracy` (mean over scored pairs), `exact_match` (share of images with every scored category right),
-        `per_category` (category -> accuracy), `num_scored` (number of scored pairs).
+        `per_category` (category -> accuracy), `num_scored` (number of scored pairs), `image_hits` and
+        `image_scored` (per image: right and scored pairs; for a [`bootstrap_interval`] over images).
     """
     if len(predictions) != len(targets):
         raise ValueError(f"predictions ({len(predictions)}) and targets ({len(targets)}) must have the same length")
     hits: dict[str, list[bool]] = {}
-    exact = []
+    image_hits, image_scored = [], []
     for predicted, target in zip(predictions, targets):
-        correct = True
+        image = []
         for name, value in target.items():
             if value is None and not include_hidden:
                 continue
             if name not in predicted:
                 raise ValueError(f"predictions lack category {name!r} of the targets")
-            hit = predicted[name] == value
-            hits.setdefault(name, []).append(hit)
-            correct &= hit
-        exact.append(correct)
+            image.append(predicted[name] == value)
+            hits.setdefault(name, []).append(image[-1])
+        image_hits.append(sum(image))
+        image_scored.append(len(image))
     scored = [hit for values in hits.values() for hit in values]
     return {
         "accuracy": float(np.mean(scored)) if scored else float("nan"),
-        "exact_match": float(np.mean(exact)) if exact else float("nan"),
+        "exact_match": float(np.mean([h == n for h, n in zip(image_hits, image_scored)])) if targets else float("nan"),
         "per_category": {name: float(np.mean(values)) for name, values in hits.items()},
         "num_scored": len(scored),
+        "image_hits": image_hits,
+        "image_scored": image_scored,
     }
+
+
+def bootstrap_interval(hits: Sequence[int], counts: Sequence[int], confidence: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the micro-averaged accuracy `sum(hits) / sum(counts)` of items that come in
+    clusters (all the questions about one face, all the attributes of one generated face): the clusters are
+    resampled, not the items, since the items of one cluster are not independent. `hits[i]`, `counts[i]`: right and
+    scored items of cluster i. Returns (low, high)."""
+    hits, counts = np.asarray(hits, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    if hits.shape != counts.shape or hits.ndim != 1 or not len(hits) or counts.sum() <= 0:
+        raise ValueError(f"hits and counts must be equal-length 1-D with some items, got {hits.shape}, {counts.shape}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    draws = np.random.default_rng(seed).integers(0, len(hits), (resamples, len(hits)))
+    totals = counts[draws].sum(1)
+    accuracies = hits[draws].sum(1)[totals > 0] / totals[totals > 0]
+    tail = (1 - confidence) / 2 * 100
+    return float(np.percentile(accuracies, tail)), float(np.percentile(accuracies, 100 - tail))
 
 
 def _sqrtm_product_trace(a: np.ndarray, b: np.ndarray) -> float:

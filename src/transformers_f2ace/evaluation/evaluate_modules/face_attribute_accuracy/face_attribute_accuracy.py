@@ -23,7 +23,7 @@ Args:
     judge_path: folder of a judge saved by `FaceJudge.save_pretrained` (default: the committed judge).
     include_hidden: score `null` targets as "not visible" (default False).
 Returns:
-    accuracy, exact_match, per_category (dict), num_scored.
+    accuracy, exact_match, per_category (dict), num_scored, image_hits and image_scored (per image).
 """
 
 
