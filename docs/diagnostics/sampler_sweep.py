@@ -2,6 +2,7 @@
 limits it" (generation).
 
     PYTHONPATH=src python docs/diagnostics/sampler_sweep.py src/transformers_f2ace/pretrained/unif2ace-synthface [--num 64]
+        [--settings '[{}, {"guidance_scale": 1.25}]']
 
 For each setting (keyword arguments of `generate_images`; `{}` is the model config's defaults), generates one face
 per caption of the first `--num` *validation* faces (the test split stays for `unif2ace eval`), seeded alike, and
@@ -36,13 +37,14 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("--num", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--settings", type=json.loads, default=SETTINGS, help="a JSON list of keyword-argument dicts")
     args = parser.parse_args()
     model = AutoModelForImageTextToText.from_pretrained(args.model_dir).eval()
     processor = AutoProcessor.from_pretrained(args.model_dir)
     judge = FaceJudge.from_pretrained(JUDGE_DIR)
     examples = synthface_examples(args.num, model.config.vq_config.resolution, seed=0, split="validation")
     real = judge.embed([example["image"] for example in examples])
-    for setting in SETTINGS:
+    for setting in args.settings:
         start, generator, faces = time.perf_counter(), torch.Generator().manual_seed(0), []
         for first in range(0, args.num, args.batch_size):
             prompts = [example["caption"] for example in examples[first:first + args.batch_size]]
