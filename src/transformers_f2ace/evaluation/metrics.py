@@ -24,16 +24,16 @@ def attribute_accuracy(predictions: Sequence[dict], targets: Sequence[dict], inc
     hits: dict[str, list[bool]] = {}
     image_hits, image_scored = [], []
     for predicted, target in zip(predictions, targets):
-        image = []
+        verdicts = []  # this image's scored categories: right or not
         for name, value in target.items():
             if value is None and not include_hidden:
                 continue
             if name not in predicted:
                 raise ValueError(f"predictions lack category {name!r} of the targets")
-            image.append(predicted[name] == value)
-            hits.setdefault(name, []).append(image[-1])
-        image_hits.append(sum(image))
-        image_scored.append(len(image))
+            verdicts.append(predicted[name] == value)
+            hits.setdefault(name, []).append(verdicts[-1])
+        image_hits.append(int(sum(verdicts)))
+        image_scored.append(len(verdicts))
     scored = [hit for values in hits.values() for hit in values]
     return {
         "accuracy": float(np.mean(scored)) if scored else float("nan"),
