@@ -117,8 +117,8 @@ def test_attribute_accuracy_matches_hand_computation():
 
 
 def test_bootstrap_interval_resamples_clusters():
-    # Two faces, one right and one wrong question each way: a resample holds face A twice (accuracy 1), B twice (0)
-    # or both (0.5), with chances 1/4, 1/4, 1/2, so the 95% interval spans [0, 1].
+    # Two faces of one question each, A answered right and B wrong: a resample holds A twice (accuracy 1), B twice
+    # (0) or both (0.5), with chances 1/4, 1/4, 1/2, so the 95% interval spans [0, 1].
     assert bootstrap_interval([1, 0], [1, 1]) == (0.0, 1.0)
     # Every face at the same accuracy: no spread, whatever the resample.
     assert bootstrap_interval([3, 6, 9], [4, 8, 12]) == pytest.approx((0.75, 0.75))
