@@ -511,7 +511,7 @@ def evaluate_understanding(model, processor, examples: list[dict[str, Any]], max
     `prior` (an [`answer_prior`]), the same accuracies of always giving the prior's answer (`vqa_prior`,
     `vqa_prior_overall`): the baseline that shows whether the model looks at the image. `vqa_overall_ci95`: a 95%
     bootstrap interval of `vqa_overall` over the faces."""
-    from .evaluation.metrics import bootstrap_interval
+    from .evaluation import bootstrap_interval
 
     correct: dict[str, list[int]] = {}
     baseline: dict[str, list[int]] = {}
@@ -521,13 +521,14 @@ def evaluate_understanding(model, processor, examples: list[dict[str, Any]], max
         items = attribute_questions(example["attributes"])
         answers = answer_questions(model, processor, example["image"],
                                    [question for _, question, _ in items] + [DESCRIBE_QUESTION], max_new_tokens)
-        face_right.append(0)
-        for (name, _, truth), answer in zip(items, answers):
-            correct.setdefault(name, []).append(int(normalise_answer(answer) == normalise_answer(truth)))
-            face_right[-1] += correct[name][-1]
+        verdicts = [int(normalise_answer(answer) == normalise_answer(truth))
+                    for (_, _, truth), answer in zip(items, answers)]
+        face_right.append(sum(verdicts))
+        face_asked.append(len(verdicts))
+        for (name, _, truth), verdict in zip(items, verdicts):
+            correct.setdefault(name, []).append(verdict)
             if prior is not None:
                 baseline.setdefault(name, []).append(int(prior.get(name) == normalise_answer(truth)))
-        face_asked.append(len(items))
         face_hits, face_counted = caption_mentions(example["attributes"], answers[-1])
         hits, counted = hits + face_hits, counted + face_counted
     accuracy, overall = _accuracies(correct)
