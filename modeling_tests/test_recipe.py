@@ -23,6 +23,7 @@ from transformers_f2ace.recipe import (
     check_records_fit,
     mixed_records,
     model_training_arguments,
+    native_bf16,
     normalise_answer,
     recipe_config,
     run_recipe,
@@ -269,6 +270,13 @@ def test_train_cli_rejects_bad_arguments():
     with pytest.raises(SystemExit, match=r"adam_beta2 must be in \[0, 1\)"):
         main(["train", "unused", "--adam-beta2", "1"])
     RecipeArguments(output_dir="unused", batch_size=15, mix_tasks=False)  # one batch per step: any size
+
+
+def test_tokenizer_autocast_resolves_to_the_device_and_is_recorded(tiny_run):
+    output, _ = tiny_run
+    assert json.loads((output / "recipe_args.json").read_text())["vq_bf16"] is native_bf16()
+    assert RecipeArguments(output_dir="unused", vq_bf16=False).vq_bf16 is False
+    assert RecipeArguments(output_dir="unused", vq_bf16=True).vq_bf16 is True
 
 
 def test_model_stage_optimizer_follows_the_recipe(tmp_path):

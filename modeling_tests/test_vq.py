@@ -266,6 +266,21 @@ def test_short_training_lowers_reconstruction_loss():
     assert not model.training
 
 
+def test_bf16_autocast_training_runs_the_convolutions_in_bf16_and_keeps_fp32_weights():
+    model = vq_model(seed=0)
+    images = shape_images(8, 32, seed=0)
+    with torch.no_grad():
+        initial = model(images).reconstruction_loss.item()
+    dtypes = set()
+    model.encoder.conv_in.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
+    train_vq(model, images, steps=60, lr=3e-3, batch_size=8, seed=0, progress=False, autocast_dtype=torch.bfloat16)
+    assert dtypes == {torch.bfloat16}
+    assert {param.dtype for param in model.parameters()} == {torch.float32}
+    with torch.no_grad():
+        final = model(images).reconstruction_loss.item()
+    assert final < 0.6 * initial, (initial, final)  # the fp32 test's bound
+
+
 def test_training_is_deterministic_and_saves(tmp_path):
     images = shape_images(4, 32, seed=1)
     model_a, model_b = vq_model(seed=1), vq_model(seed=1)

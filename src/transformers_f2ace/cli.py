@@ -103,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         recipe = RecipeArguments(
             output_dir=args.output_dir, stage=args.stage, config=args.config, seed=args.seed, num_train=args.num_train,
-            vq_steps=args.vq_steps, vq_batch_size=args.vq_batch_size, vq_lr=args.vq_lr,
+            vq_steps=args.vq_steps, vq_batch_size=args.vq_batch_size, vq_lr=args.vq_lr, vq_bf16=args.vq_bf16,
             vq_warmup_steps=args.vq_warmup_steps, vq_dir=args.vq_dir, semantic_steps=args.semantic_steps,
             semantic_batch_size=args.semantic_batch_size, semantic_lr=args.semantic_lr, model_steps=args.model_steps,
             batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vq-lr", type=float, default=defaults.vq_lr, help="tokenizer AdamW learning rate")
     train.add_argument("--vq-warmup-steps", type=int, default=defaults.vq_warmup_steps,
                        help="tokenizer warm-up steps (then cosine decay)")
+    train.add_argument("--vq-bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast for the tokenizer's forward (default: where the device has native bf16 "
+                            "kernels: CUDA GPUs with bf16, AVX-512 CPUs)")
     train.add_argument("--vq-dir", help="stage model only: use the tokenizer trained by another run (its vq folder)")
     train.add_argument("--semantic-steps", type=int, default=defaults.semantic_steps,
                        help="attribute pretraining steps of the semantic (CLIP) encoder before stage model (0: keep "

@@ -80,6 +80,7 @@ class RecipeArguments:
     vq_batch_size: int = 16
     vq_lr: float = 2e-3
     vq_warmup_steps: int = 50
+    vq_bf16: bool | None = None  # bf16 autocast for the tokenizer; None: where the device has native bf16 kernels
     vq_dir: str | None = None
     # stage 2: the model (first its semantic encoder's attribute pretraining; 0 steps keeps it random)
     semantic_steps: int = 1500
@@ -106,6 +107,8 @@ class RecipeArguments:
     moe: bool = True
 
     def __post_init__(self):
+        if self.vq_bf16 is None:
+            self.vq_bf16 = native_bf16()
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.config not in PRESETS:
@@ -150,6 +153,16 @@ class RecipeResult:
     log_history: list[dict[str, float]] = field(default_factory=list)
     global_step: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def native_bf16() -> bool:
+    """Whether bf16 matmuls and convolutions have fast kernels here: on CUDA where the GPU supports bf16, on the CPU
+    where oneDNN has bf16 kernels (AVX-512 CPUs; native bf16 arithmetic with AVX-512 BF16 or AMX, as on the
+    project's machines)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(is_supported is not None and is_supported())
 
 
 def synthface_examples(num: int, size: int, seed: int, split: str = "train") -> list[dict[str, Any]]:
@@ -207,14 +220,20 @@ def _estimate(label: str, seconds_per_step: float, steps: int) -> None:
           f"{seconds_per_step * steps / 60:.1f} min for {steps} steps", flush=True)
 
 
-def _time_vq_step(vq: UniF2aceVQModel, images: torch.Tensor, batch_size: int, lr: float) -> float:
+def _vq_autocast(args: RecipeArguments) -> torch.dtype | None:
+    return torch.bfloat16 if args.vq_bf16 else None
+
+
+def _time_vq_step(vq: UniF2aceVQModel, images: torch.Tensor, args: RecipeArguments) -> float:
     """Seconds per training step of the tokenizer, measured on a copy (one warm-up step, then two)."""
     from .training.vq import train_vq
 
     probe = copy.deepcopy(vq)
-    train_vq(probe, images[:batch_size], steps=1, lr=lr, batch_size=batch_size, seed=0, progress=False)
+    settings = dict(lr=args.vq_lr, batch_size=args.vq_batch_size, seed=0, progress=False,
+                    autocast_dtype=_vq_autocast(args))
+    train_vq(probe, images[: args.vq_batch_size], steps=1, **settings)
     start = time.perf_counter()
-    train_vq(probe, images[:batch_size], steps=2, lr=lr, batch_size=batch_size, seed=0, progress=False)
+    train_vq(probe, images[: args.vq_batch_size], steps=2, **settings)
     return (time.perf_counter() - start) / 2
 
 
@@ -227,10 +246,11 @@ def train_vq_stage(args: RecipeArguments, config: UniF2aceConfig, examples: list
     # uint8 (N, 3, R, R): the examples are rendered at the tokenizer's resolution
     images = torch.from_numpy(np.stack([np.asarray(example["image"].convert("RGB")) for example in examples]))
     images = images.permute(0, 3, 1, 2).contiguous()
-    _estimate("stage vq", _time_vq_step(vq, images, args.vq_batch_size, args.vq_lr), args.vq_steps)
+    label = "stage vq" + (" (bf16 autocast)" if args.vq_bf16 else "")
+    _estimate(label, _time_vq_step(vq, images, args), args.vq_steps)
     return train_vq(vq, images, steps=args.vq_steps, lr=args.vq_lr, batch_size=args.vq_batch_size, seed=args.seed,
                     progress=args.progress, output_dir=str(Path(args.output_dir) / "vq"), lr_schedule="cosine",
-                    warmup_steps=args.vq_warmup_steps)
+                    warmup_steps=args.vq_warmup_steps, autocast_dtype=_vq_autocast(args))
 
 
 def build_processor(config: UniF2aceConfig, examples: list[dict[str, Any]]) -> UniF2aceProcessor:

@@ -74,6 +74,7 @@ def train_vq(
     max_grad_norm: float | None = 1.0,
     lr_schedule: str = "constant",
     warmup_steps: int = 0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """
     Train `model` in place with AdamW for `steps` steps.
@@ -92,6 +93,10 @@ def train_vq(
         max_grad_norm: gradient-norm clipping threshold; `None` disables clipping.
         lr_schedule: `"constant"` or `"cosine"` (decay to 0 at the last step), after `warmup_steps` linear warm-up.
         warmup_steps: steps of linear warm-up from 0 to `lr`.
+        autocast_dtype: run the forward under `torch.autocast(model.device.type, autocast_dtype)` (mixed precision:
+            the weights, their updates and the saved model stay in the model's dtype); `None` (default) disables it.
+            On a CPU with native bf16 (`torch.bfloat16`) a step of the embedded model's tokenizer takes 0.2 s instead
+            of 0.36 s, with the same reconstruction error after 600 steps (README).
 
     Returns:
         The losses of the last step: `loss`, `reconstruction_loss`, `commitment_loss`, `entropy_loss` (floats).
@@ -119,7 +124,8 @@ def train_vq(
                 order = torch.cat([order, torch.randperm(len(data), generator=generator)])
             indices, order = order[:batch_size], order[batch_size:]
             pixel_values = _to_pixel_values(data[indices], model.dtype, model.device)
-            output = model(pixel_values, return_loss=True)
+            with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                output = model(pixel_values, return_loss=True)
             losses = {name: output[name].item() for name in _LOSS_NAMES}
             optimizer_step(output.loss, optimizer, scheduler, bar, model.parameters(), max_grad_norm,
                            postfix={"loss": f"{losses['loss']:.4f}", "rec": f"{losses['reconstruction_loss']:.4f}"})
