@@ -255,9 +255,10 @@ def test_train_cli_vq_stage_saves_a_loadable_tokenizer(tmp_path, capsys):
     from transformers_f2ace import UniF2aceVQModel
 
     assert main(["train", str(tmp_path), "--stage", "vq", "--config", "tiny", "--num-train", "8", "--vq-steps", "2",
-                 "--vq-batch-size", "4", "--no-progress"]) == 0
+                 "--vq-batch-size", "4", "--no-progress", "--no-vq-bf16"]) == 0
     out = capsys.readouterr().out
-    assert "stage vq:" in out and "s/step measured" in out and "Image tokenizer:" in out
+    assert "stage vq:" in out and "s/step measured" in out and "Image tokenizer:" in out  # no "(bf16 autocast)"
+    assert json.loads((tmp_path / "recipe_args.json").read_text())["vq_bf16"] is False
     assert not (tmp_path / "final").exists()  # the model stage did not run
     assert UniF2aceVQModel.from_pretrained(tmp_path / "vq").config.resolution == 32
 

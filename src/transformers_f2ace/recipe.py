@@ -57,9 +57,10 @@ SEMANTIC_PROBE_FILE = "semantic_probe.json"  # in the run folder and in its fina
 class RecipeArguments:
     """Everything `unif2ace train` takes.
 
-    The defaults are the embedded model's run, sized to about 90 minutes on an uncontended 2-core CPU: the tokenizer
-    (4x downsampling, 256 tokens per 64 px face) for 2,400 steps of 16 images, AdamW 2e-3 with 50 warm-up steps and
-    cosine decay (about 0.6 s/step); the semantic encoder's attribute pretraining, 1,500 steps of 128 faces (about
+    The defaults are the embedded model's run, sized to about 100 minutes on an uncontended 2-core CPU: the tokenizer
+    (4x downsampling, 256 tokens per 64 px face) for 6,000 steps of 16 images, AdamW 2e-3 with 50 warm-up steps and
+    cosine decay, under bf16 autocast where the device has native bf16 (`vq_bf16`; about 0.25 s/step, 0.36 in fp32);
+    the semantic encoder's attribute pretraining, 1,500 steps of 128 faces (about
     2 minutes); then the model for 3,000 steps of 16 records (4.0 epochs of 12,000 faces, 0.9-1.4 s/step), AdamW
     5e-4, 100 warm-up steps, cosine decay, 50% generation / 50% understanding records, each understanding record a
     conversation of `questions_per_record` attribute questions (or, for a share `describe_fraction`, "Describe the
@@ -76,7 +77,7 @@ class RecipeArguments:
     seed: int = 0
     num_train: int = 12000
     # stage 1: the VQ tokenizer
-    vq_steps: int = 2400
+    vq_steps: int = 6000
     vq_batch_size: int = 16
     vq_lr: float = 2e-3
     vq_warmup_steps: int = 50
@@ -698,7 +699,8 @@ def training_summary(recipe: dict[str, Any]) -> str:
         f"Trained on this package's SynthFace (procedural faces, {recipe['num_train']:,} training faces, seed "
         f"{recipe['seed']}) by `unif2ace train` with the `{recipe['config']}` preset"
         f"{' and ' + ', '.join(ablation) if ablation else ''}: the image tokenizer for {recipe['vq_steps']:,} steps "
-        f"(batch {recipe['vq_batch_size']}, AdamW {recipe['vq_lr']:g}, cosine), "
+        f"(batch {recipe['vq_batch_size']}, AdamW {recipe['vq_lr']:g}, cosine"
+        f"{', bf16 autocast' if recipe.get('vq_bf16') else ''}), "
         f"{semantic}then the model for "
         f"{recipe['model_steps']:,} steps (batch {recipe['batch_size']}, AdamW {recipe['lr']:g}, cosine, "
         f"{recipe['t2i_fraction']:.0%} generation / {1 - recipe['t2i_fraction']:.0%} understanding records"

@@ -95,8 +95,8 @@ def train_vq(
         warmup_steps: steps of linear warm-up from 0 to `lr`.
         autocast_dtype: run the forward under `torch.autocast(model.device.type, autocast_dtype)` (mixed precision:
             the weights, their updates and the saved model stay in the model's dtype); `None` (default) disables it.
-            On a CPU with native bf16 (`torch.bfloat16`) a step of the embedded model's tokenizer takes 0.2 s instead
-            of 0.36 s, with the same reconstruction error after 600 steps (README).
+            On a CPU with native bf16 (`torch.bfloat16`) a step of the embedded model's tokenizer takes 0.5-0.6x the
+            fp32 time (`benchmarks/bench_vq_training.py`), with the same reconstruction error after 600 steps (README).
 
     Returns:
         The losses of the last step: `loss`, `reconstruction_loss`, `commitment_loss`, `entropy_loss` (floats).

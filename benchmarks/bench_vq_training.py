@@ -1,0 +1,50 @@
+"""One training step of the embedded model's image tokenizer in fp32 and under bf16 autocast, side by side.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_vq_training.py [--repeats 8] [--batch-size 16]
+
+The tokenizer is the embedded model's (`transformers_f2ace/pretrained/unif2ace-synthface`, `model.vq`: 64 px faces,
+4x downsampling, 10-bit LFQ), trained as the recipe's stage vq trains it: forward with the losses, backward, gradient
+clipping, AdamW (`transformers_f2ace.training.vq.train_vq(autocast_dtype=...)`), on SynthFace training faces. The
+arms alternate within every repeat; the table gives median wall times. CPU bf16 autocast pays off where oneDNN has
+native bf16 kernels (AVX-512 BF16 / AMX); elsewhere it may be slower (`transformers_f2ace.recipe.native_bf16`).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from transformers_f2ace.demo import EMBEDDED_MODEL_DIR
+from transformers_f2ace.modeling_unif2ace import UniF2aceForConditionalGeneration
+from transformers_f2ace.recipe import native_bf16, synthface_examples
+from transformers_f2ace.training.vq import train_vq
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    vq = UniF2aceForConditionalGeneration.from_pretrained(EMBEDDED_MODEL_DIR).model.vq
+    faces = synthface_examples(args.batch_size, vq.config.resolution, seed=0)
+    images = [face["image"] for face in faces]
+    arms = {"fp32": None, "bf16 autocast": torch.bfloat16}
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for repeat in range(args.repeats + 1):
+        for name, dtype in arms.items():
+            start = time.perf_counter()  # lr tiny: every repeat does the same work on nearly the same weights
+            train_vq(vq, images, steps=2, lr=1e-9, batch_size=args.batch_size, seed=0, progress=False,
+                     autocast_dtype=dtype)
+            if repeat:  # the first round warms up
+                times[name].append((time.perf_counter() - start) / 2)
+    print(f"tokenizer training step, batch {args.batch_size} x 64 px, {torch.get_num_threads()} threads, "
+          f"native bf16: {native_bf16()}; median of {args.repeats}")
+    baseline = statistics.median(times["fp32"])
+    print("| step | seconds | × fp32 |\n|---|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values):.3f} | {statistics.median(values) / baseline:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
