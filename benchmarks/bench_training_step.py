@@ -11,7 +11,6 @@ script checks). `--bf16` adds a third arm under CPU bf16 autocast. Time: median 
 """
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -21,6 +20,8 @@ from transformers_f2ace.modeling_unif2ace import UniF2aceForConditionalGeneratio
 from transformers_f2ace.processing_unif2ace import UniF2aceProcessor
 from transformers_f2ace.recipe import mixed_records, synthface_examples
 from transformers_f2ace.training import UniF2aceDataCollator
+
+from timing import interleaved_medians, ratio_table
 
 
 def recipe_batches(model, processor, size: int = 8) -> list[dict]:
@@ -68,19 +69,13 @@ def main() -> None:
     arms = {"full logits": (False, False), "skip_logits": (True, False)}
     if args.bf16:
         arms["skip_logits + bf16 autocast"] = (True, True)
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for repeat in range(args.repeats + 1):
-        for name, (skip, bf16) in arms.items():
-            seconds = step(model, optimizer, batches, skip, bf16)
-            if repeat:  # the first round warms up
-                times[name].append(seconds)
+    calls = {name: lambda skip=skip, bf16=bf16: step(model, optimizer, batches, skip, bf16)
+             for name, (skip, bf16) in arms.items()}
+    medians = interleaved_medians(calls, args.repeats)
     shapes = ", ".join(f"{tuple(b['input_ids'].shape)}" for b in batches)
     print(f"micro-batches (records, positions): {shapes}; {torch.get_num_threads()} threads; "
           f"median of {args.repeats}")
-    baseline = statistics.median(times["full logits"])
-    print("| step | seconds | × full logits |\n|---|---|---|")
-    for name, values in times.items():
-        print(f"| {name} | {statistics.median(values):.3f} | {statistics.median(values) / baseline:.2f} |")
+    print(ratio_table(medians, baseline="full logits"))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ native bf16 kernels (AVX-512 BF16 / AMX); elsewhere it may be slower (`transform
 """
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -19,6 +18,8 @@ from transformers_f2ace.demo import EMBEDDED_MODEL_DIR
 from transformers_f2ace.modeling_unif2ace import UniF2aceForConditionalGeneration
 from transformers_f2ace.recipe import native_bf16, synthface_examples
 from transformers_f2ace.training.vq import train_vq
+
+from timing import interleaved_medians, ratio_table
 
 
 def main() -> None:
@@ -29,21 +30,17 @@ def main() -> None:
     vq = UniF2aceForConditionalGeneration.from_pretrained(EMBEDDED_MODEL_DIR).model.vq
     faces = synthface_examples(args.batch_size, vq.config.resolution, seed=0)
     images = [face["image"] for face in faces]
-    arms = {"fp32": None, "bf16 autocast": torch.bfloat16}
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    for repeat in range(args.repeats + 1):
-        for name, dtype in arms.items():
-            start = time.perf_counter()  # lr tiny: every repeat does the same work on nearly the same weights
-            train_vq(vq, images, steps=2, lr=1e-9, batch_size=args.batch_size, seed=0, progress=False,
-                     autocast_dtype=dtype)
-            if repeat:  # the first round warms up
-                times[name].append((time.perf_counter() - start) / 2)
+    def step(dtype: torch.dtype | None) -> float:
+        start = time.perf_counter()  # lr tiny: every repeat does the same work on nearly the same weights
+        train_vq(vq, images, steps=2, lr=1e-9, batch_size=args.batch_size, seed=0, progress=False,
+                 autocast_dtype=dtype)
+        return (time.perf_counter() - start) / 2
+
+    medians = interleaved_medians({"fp32": lambda: step(None), "bf16 autocast": lambda: step(torch.bfloat16)},
+                                  args.repeats)
     print(f"tokenizer training step, batch {args.batch_size} x 64 px, {torch.get_num_threads()} threads, "
           f"native bf16: {native_bf16()}; median of {args.repeats}")
-    baseline = statistics.median(times["fp32"])
-    print("| step | seconds | × fp32 |\n|---|---|---|")
-    for name, values in times.items():
-        print(f"| {name} | {statistics.median(values):.3f} | {statistics.median(values) / baseline:.2f} |")
+    print(ratio_table(medians, baseline="fp32"))
 
 
 if __name__ == "__main__":
