@@ -5,8 +5,9 @@
 The tokenizer is the embedded model's (`transformers_f2ace/pretrained/unif2ace-synthface`, `model.vq`: 64 px faces,
 4x downsampling, 10-bit LFQ), trained as the recipe's stage vq trains it: forward with the losses, backward, gradient
 clipping, AdamW (`transformers_f2ace.training.vq.train_vq(autocast_dtype=...)`), on SynthFace training faces. The
-arms alternate within every repeat; the table gives median wall times. CPU bf16 autocast pays off where oneDNN has
-native bf16 kernels (AVX-512 BF16 / AMX); elsewhere it may be slower (`transformers_f2ace.recipe.native_bf16`).
+arms alternate within every repeat; the table gives median wall times. CPU bf16 autocast pays off where the CPU has
+native bf16 arithmetic (AVX-512 BF16 / AMX); elsewhere it may be slower (`transformers_f2ace.recipe.cpu_bf16_supported`
+says whether oneDNN has bf16 kernels at all, the recipe's default for `--vq-bf16`).
 """
 
 import argparse
@@ -16,7 +17,7 @@ import torch
 
 from transformers_f2ace.demo import EMBEDDED_MODEL_DIR
 from transformers_f2ace.modeling_unif2ace import UniF2aceForConditionalGeneration
-from transformers_f2ace.recipe import native_bf16, synthface_examples
+from transformers_f2ace.recipe import cpu_bf16_supported, synthface_examples
 from transformers_f2ace.training.vq import train_vq
 
 from timing import interleaved_medians, ratio_table
@@ -39,7 +40,7 @@ def main() -> None:
     medians = interleaved_medians({"fp32": lambda: step(None), "bf16 autocast": lambda: step(torch.bfloat16)},
                                   args.repeats)
     print(f"tokenizer training step, batch {args.batch_size} x 64 px, {torch.get_num_threads()} threads, "
-          f"native bf16: {native_bf16()}; median of {args.repeats}")
+          f"oneDNN bf16 kernels: {cpu_bf16_supported()}; median of {args.repeats}")
     print(ratio_table(medians, baseline="fp32"))
 
 

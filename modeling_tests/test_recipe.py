@@ -21,9 +21,9 @@ from transformers_f2ace.recipe import (
     build_model,
     caption_mentions,
     check_records_fit,
+    cpu_bf16_supported,
     mixed_records,
     model_training_arguments,
-    native_bf16,
     normalise_answer,
     recipe_config,
     run_recipe,
@@ -275,7 +275,7 @@ def test_train_cli_rejects_bad_arguments():
 
 def test_tokenizer_autocast_resolves_to_the_device_and_is_recorded(tiny_run):
     output, _ = tiny_run
-    assert json.loads((output / "recipe_args.json").read_text())["vq_bf16"] is native_bf16()
+    assert json.loads((output / "recipe_args.json").read_text())["vq_bf16"] is cpu_bf16_supported()
     assert RecipeArguments(output_dir="unused", vq_bf16=False).vq_bf16 is False
     assert RecipeArguments(output_dir="unused", vq_bf16=True).vq_bf16 is True
 

@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vq-warmup-steps", type=int, default=defaults.vq_warmup_steps,
                        help="tokenizer warm-up steps (then cosine decay)")
     train.add_argument("--vq-bf16", action=argparse.BooleanOptionalAction, default=None,
-                       help="bf16 autocast for the tokenizer's forward (default: where the device has native bf16 "
-                            "kernels: CUDA GPUs with bf16, AVX-512 CPUs)")
+                       help="bf16 autocast for the tokenizer's forward, which trains on the CPU (default: where oneDNN "
+                            "has bf16 kernels for it, AVX-512 CPUs)")
     train.add_argument("--vq-dir", help="stage model only: use the tokenizer trained by another run (its vq folder)")
     train.add_argument("--semantic-steps", type=int, default=defaults.semantic_steps,
                        help="attribute pretraining steps of the semantic (CLIP) encoder before stage model (0: keep "

@@ -59,7 +59,7 @@ class RecipeArguments:
 
     The defaults are the embedded model's run, sized to about 100 minutes on an uncontended 2-core CPU: the tokenizer
     (4x downsampling, 256 tokens per 64 px face) for 6,000 steps of 16 images, AdamW 2e-3 with 50 warm-up steps and
-    cosine decay, under bf16 autocast where the device has native bf16 (`vq_bf16`; about 0.25 s/step, 0.36 in fp32);
+    cosine decay, under bf16 autocast where the CPU has bf16 kernels (`vq_bf16`; about 0.25 s/step, 0.36 in fp32);
     the semantic encoder's attribute pretraining, 1,500 steps of 128 faces (about
     2 minutes); then the model for 3,000 steps of 16 records (4.0 epochs of 12,000 faces, 0.9-1.4 s/step), AdamW
     5e-4, 100 warm-up steps, cosine decay, 50% generation / 50% understanding records, each understanding record a
@@ -81,7 +81,7 @@ class RecipeArguments:
     vq_batch_size: int = 16
     vq_lr: float = 2e-3
     vq_warmup_steps: int = 50
-    vq_bf16: bool | None = None  # bf16 autocast for the tokenizer; None: where the device has native bf16 kernels
+    vq_bf16: bool | None = None  # bf16 autocast for the tokenizer; None: where the CPU has bf16 kernels
     vq_dir: str | None = None
     # stage 2: the model (first its semantic encoder's attribute pretraining; 0 steps keeps it random)
     semantic_steps: int = 1500
@@ -109,7 +109,7 @@ class RecipeArguments:
 
     def __post_init__(self):
         if self.vq_bf16 is None:
-            self.vq_bf16 = native_bf16()
+            self.vq_bf16 = cpu_bf16_supported()
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.config not in PRESETS:
@@ -156,12 +156,9 @@ class RecipeResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def native_bf16() -> bool:
-    """Whether bf16 matmuls and convolutions have fast kernels here: on CUDA where the GPU supports bf16, on the CPU
-    where oneDNN has bf16 kernels (AVX-512 CPUs; native bf16 arithmetic with AVX-512 BF16 or AMX, as on the
-    project's machines)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+def cpu_bf16_supported() -> bool:
+    """Whether oneDNN has bf16 kernels for this CPU (AVX-512 and newer; native bf16 arithmetic with AVX-512 BF16 or
+    AMX, as on the project's machines). The tokenizer stage trains on the CPU, so this decides its bf16 autocast."""
     is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(is_supported is not None and is_supported())
 
