@@ -31,6 +31,7 @@ def main() -> None:
     vq = UniF2aceForConditionalGeneration.from_pretrained(EMBEDDED_MODEL_DIR).model.vq
     faces = synthface_examples(args.batch_size, vq.config.resolution, seed=0)
     images = [face["image"] for face in faces]
+
     def step(dtype: torch.dtype | None) -> float:
         start = time.perf_counter()  # lr tiny: every repeat does the same work on nearly the same weights
         train_vq(vq, images, steps=2, lr=1e-9, batch_size=args.batch_size, seed=0, progress=False,

@@ -273,7 +273,7 @@ def test_train_cli_rejects_bad_arguments():
     RecipeArguments(output_dir="unused", batch_size=15, mix_tasks=False)  # one batch per step: any size
 
 
-def test_tokenizer_autocast_resolves_to_the_device_and_is_recorded(tiny_run):
+def test_tokenizer_autocast_defaults_to_the_cpus_bf16_kernels_and_is_recorded(tiny_run):
     output, _ = tiny_run
     assert json.loads((output / "recipe_args.json").read_text())["vq_bf16"] is cpu_bf16_supported()
     assert RecipeArguments(output_dir="unused", vq_bf16=False).vq_bf16 is False

@@ -15,19 +15,14 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 
 from transformers_f2ace.evaluation import DEFAULT_JUDGE_PATH, FaceJudge
 from transformers_f2ace.modeling_unif2ace_vq import UniF2aceVQModel
-from transformers_f2ace.recipe import RecipeArguments, judged_accuracy, recipe_config, synthface_examples
+from transformers_f2ace.recipe import (RecipeArguments, face_pixels, judged_accuracy, recipe_config,
+                                       synthface_examples)
 from transformers_f2ace.training.vq import train_vq
-
-
-def as_pixels(faces: list[dict]) -> torch.Tensor:
-    """uint8 (N, 3, R, R) of the faces' renders."""
-    return torch.from_numpy(np.stack([np.asarray(face["image"].convert("RGB")) for face in faces])).permute(0, 3, 1, 2)
 
 
 def main() -> None:
@@ -51,14 +46,14 @@ def main() -> None:
             setattr(config, name, json.loads(value))
         torch.manual_seed(0)
         vq = UniF2aceVQModel(config)
-        images = as_pixels(synthface_examples(12000, config.resolution, seed=0))
+        images = face_pixels(synthface_examples(12000, config.resolution, seed=0))
         start = time.perf_counter()
         train_vq(vq, images, steps=args.steps, lr=args.lr, batch_size=16, seed=0, lr_schedule="cosine",
                  warmup_steps=50, autocast_dtype=torch.bfloat16 if args.bf16 else None)
         seconds = time.perf_counter() - start
         vq.save_pretrained(args.folder)
     faces = synthface_examples(args.num, vq.config.resolution, seed=0, split=args.split)
-    pixels = as_pixels(faces).float() / 127.5 - 1.0
+    pixels = face_pixels(faces).float() / 127.5 - 1.0
     with torch.no_grad():
         reconstructed = vq.eval().decode(vq.encode(pixels))
     error = float(((reconstructed - pixels) ** 2).mean())

@@ -59,7 +59,7 @@ class RecipeArguments:
 
     The defaults are the embedded model's run, sized to about 100 minutes on an uncontended 2-core CPU: the tokenizer
     (4x downsampling, 256 tokens per 64 px face) for 6,000 steps of 16 images, AdamW 2e-3 with 50 warm-up steps and
-    cosine decay, under bf16 autocast where the CPU has bf16 kernels (`vq_bf16`; about 0.25 s/step, 0.36 in fp32);
+    cosine decay, under bf16 autocast where the CPU has bf16 kernels (`vq_bf16`; about half the fp32 step time);
     the semantic encoder's attribute pretraining, 1,500 steps of 128 faces (about
     2 minutes); then the model for 3,000 steps of 16 records (4.0 epochs of 12,000 faces, 0.9-1.4 s/step), AdamW
     5e-4, 100 warm-up steps, cosine decay, 50% generation / 50% understanding records, each understanding record a
@@ -163,6 +163,12 @@ def cpu_bf16_supported() -> bool:
     return bool(is_supported is not None and is_supported())
 
 
+def face_pixels(examples: list[dict[str, Any]]) -> torch.Tensor:
+    """The examples' renders as one uint8 tensor (N, 3, R, R), as the tokenizer trains on them."""
+    images = torch.from_numpy(np.stack([np.asarray(example["image"].convert("RGB")) for example in examples]))
+    return images.permute(0, 3, 1, 2).contiguous()
+
+
 def synthface_examples(num: int, size: int, seed: int, split: str = "train") -> list[dict[str, Any]]:
     """The first `num` SynthFace examples of `split` at `size` px (`make_example` records)."""
     return [make_example(split, index, size=size, seed=seed) for index in range(num)]
@@ -241,9 +247,7 @@ def train_vq_stage(args: RecipeArguments, config: UniF2aceConfig, examples: list
 
     torch.manual_seed(args.seed)
     vq = UniF2aceVQModel(config.vq_config)
-    # uint8 (N, 3, R, R): the examples are rendered at the tokenizer's resolution
-    images = torch.from_numpy(np.stack([np.asarray(example["image"].convert("RGB")) for example in examples]))
-    images = images.permute(0, 3, 1, 2).contiguous()
+    images = face_pixels(examples)  # the examples are rendered at the tokenizer's resolution
     label = "stage vq" + (" (bf16 autocast)" if args.vq_bf16 else "")
     _estimate(label, _time_vq_step(vq, images, args), args.vq_steps)
     return train_vq(vq, images, steps=args.vq_steps, lr=args.vq_lr, batch_size=args.vq_batch_size, seed=args.seed,
